@@ -1,0 +1,106 @@
+// The C++ autograd Functions of the differentiable operators, registered
+// under the Autograd key (torchvision's csrc/ops/autograd pattern): the
+// forward calls the kernel ops through the dispatcher below autograd, and the
+// backward is a registered op of its own, so every device shares this file.
+//
+// Only the 1-bit packed mask `0 < x < m` is saved for backward: 1/8 byte an
+// element, never a copy of x.
+#include "torch_ext/torch_ext.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+namespace torch_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+variable_list quantize_backward(AutogradContext* ctx, const variable_list& grad_outputs) {
+  const at::Tensor& grad_y = grad_outputs[0];
+  if (!grad_y.defined()) {
+    return {at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  const auto saved = ctx->get_saved_variables();
+  return {linear_mid_tread_half_quantize_backward(grad_y, saved[0]), at::Tensor(), at::Tensor()};
+}
+
+class LinearMidTreadHalfQuantize : public torch::autograd::Function<LinearMidTreadHalfQuantize> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t bit, double max_value) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mask] = linear_mid_tread_half_quantize_forward(x, bit, max_value);
+    ctx->save_for_backward({mask});
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return quantize_backward(ctx, grad_outputs);
+  }
+};
+
+class LinearMidTreadHalfQuantizeInplace
+    : public torch::autograd::Function<LinearMidTreadHalfQuantizeInplace> {
+ public:
+  static variable_list forward(AutogradContext* ctx, at::Tensor x, int64_t bit, double max_value) {
+    // mark_dirty bumps x's version and rebases its history onto this node,
+    // as for torch.relu_.
+    ctx->mark_dirty({x});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor mask = linear_mid_tread_half_quantize_forward_(x, bit, max_value);
+    ctx->save_for_backward({mask});
+    return {x};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    return quantize_backward(ctx, grad_outputs);
+  }
+};
+
+bool needs_grad(const at::Tensor& x) {
+  return at::GradMode::is_enabled() && x.requires_grad();
+}
+
+at::Tensor quantize_autograd(const at::Tensor& x, int64_t bit, double max_value) {
+  check_quantize_arguments(x.scalar_type(), bit, max_value);
+  if (!needs_grad(x)) {
+    // No graph to record: the kernel that writes no mask is enough.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return linear_mid_tread_half_quantize(x, bit, max_value);
+  }
+  return LinearMidTreadHalfQuantize::apply(x, bit, max_value)[0];
+}
+
+at::Tensor& quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
+  check_quantize_arguments(x.scalar_type(), bit, max_value);
+  if (!needs_grad(x)) {
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      linear_mid_tread_half_quantize_(x, bit, max_value);
+    }
+    // Skipping the ADInplaceOrView key skipped the version bump that lets
+    // autograd detect that a tensor saved for backward was modified.
+    torch::autograd::impl::bump_version(x);
+    return x;
+  }
+  // Refuse before any work, so x is never left half-written (autograd itself
+  // would only notice after the forward has overwritten x).
+  TORCH_CHECK(
+      !x.is_leaf(),
+      "linear_mid_tread_half_quantize_: a leaf Variable that requires grad is being used in an "
+      "in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False");
+  TORCH_CHECK(
+      !(x.is_view() && x._base().is_leaf() && x._base().requires_grad()),
+      "linear_mid_tread_half_quantize_: a view of a leaf Variable that requires grad is being used "
+      "in an in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False");
+  LinearMidTreadHalfQuantizeInplace::apply(x, bit, max_value);
+  return x;
+}
+
+}  // namespace
+}  // namespace torch_ext
+
+TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
+  m.impl("linear_mid_tread_half_quantize", &torch_ext::quantize_autograd);
+  m.impl("linear_mid_tread_half_quantize_", &torch_ext::quantize_autograd_);
+}

@@ -1,0 +1,110 @@
+// The operator schemas (the one TORCH_LIBRARY of the project), the argument
+// checks of SPEC.md, and the C++ entry points that call through the dispatcher.
+#include "torch_ext/torch_ext.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+namespace torch_ext {
+
+void check_bit(int64_t bit) {
+  TORCH_CHECK_VALUE(
+      (bit >= 1 && bit <= 16) || bit == 32,
+      "linear_mid_tread_half_quantize: bit must be in 1..16 or 32, got bit=", bit);
+}
+
+void check_max_value(double max_value) {
+  TORCH_CHECK_VALUE(
+      std::isfinite(max_value) && max_value > 0.0,
+      "linear_mid_tread_half_quantize: max_value must be finite and > 0, got max_value=", max_value);
+}
+
+void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value) {
+  check_bit(bit);
+  check_max_value(max_value);
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "linear_mid_tread_half_quantize: x must be a floating-point tensor "
+      "(float16, bfloat16, float32 or float64), got x of dtype ", dtype);
+}
+
+void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask) {
+  const auto dtype = grad_y.scalar_type();
+  TORCH_CHECK_TYPE(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "linear_mid_tread_half_quantize_backward: grad_y must be a floating-point tensor "
+      "(float16, bfloat16, float32 or float64), got grad_y of dtype ", dtype);
+  TORCH_CHECK_TYPE(
+      mask.scalar_type() == at::kByte,
+      "linear_mid_tread_half_quantize_backward: mask must be a uint8 tensor, got mask of dtype ",
+      mask.scalar_type());
+  TORCH_CHECK_VALUE(
+      mask.dim() == 1 && mask.numel() == mask_numel(grad_y.numel()),
+      "linear_mid_tread_half_quantize_backward: mask must have shape [", mask_numel(grad_y.numel()),
+      "] (8 elements of grad_y of ", grad_y.numel(), " elements a byte), got mask of shape ",
+      mask.sizes());
+  TORCH_CHECK_VALUE(
+      mask.device() == grad_y.device(),
+      "linear_mid_tread_half_quantize_backward: mask and grad_y must be on the same device, got mask on ",
+      mask.device(), " and grad_y on ", grad_y.device());
+}
+
+namespace {
+
+c10::OperatorHandle find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+}  // namespace
+
+at::Tensor linear_mid_tread_half_quantize(const at::Tensor& x, int64_t bit, double max_value) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, double)>();
+  return op.call(x, bit, max_value);
+}
+
+at::Tensor& linear_mid_tread_half_quantize_(at::Tensor& x, int64_t bit, double max_value) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_")
+                       .typed<at::Tensor&(at::Tensor&, int64_t, double)>();
+  return op.call(x, bit, max_value);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_mid_tread_half_quantize_forward(
+    const at::Tensor& x, int64_t bit, double max_value) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_forward")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, double)>();
+  return op.call(x, bit, max_value);
+}
+
+at::Tensor linear_mid_tread_half_quantize_forward_(at::Tensor& x, int64_t bit, double max_value) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_forward_")
+                       .typed<at::Tensor(at::Tensor&, int64_t, double)>();
+  return op.call(x, bit, max_value);
+}
+
+at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_backward")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_y, mask);
+}
+
+bool built_with_cuda() {
+  return find_op("torch_ext::linear_mid_tread_half_quantize")
+      .hasKernelForDispatchKey(c10::DispatchKey::CUDA);
+}
+
+}  // namespace torch_ext
+
+TORCH_LIBRARY(torch_ext, m) {
+  m.def("linear_mid_tread_half_quantize(Tensor x, int bit, float max_value) -> Tensor");
+  m.def("linear_mid_tread_half_quantize_(Tensor(a!) x, int bit, float max_value) -> Tensor(a!)");
+  m.def(
+      "linear_mid_tread_half_quantize_forward(Tensor x, int bit, float max_value) "
+      "-> (Tensor y, Tensor mask)");
+  m.def("linear_mid_tread_half_quantize_forward_(Tensor(a!) x, int bit, float max_value) -> Tensor mask");
+  m.def("linear_mid_tread_half_quantize_backward(Tensor grad_y, Tensor mask) -> Tensor");
+}

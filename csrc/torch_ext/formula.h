@@ -1,0 +1,141 @@
+// The scalar math of SPEC.md, shared by the CPU and the CUDA kernels so that
+// the two cannot drift apart. Every function here is C10_HOST_DEVICE.
+//
+// Each step is one correctly rounded IEEE operation: on the device we call the
+// _rn intrinsics, which nvcc never contracts into an FMA nor replaces by an
+// approximate division; on the host the files are compiled with
+// -ffp-contract=off (see setup.py / CMakeLists.txt) for the same reason.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace torch_ext {
+namespace formula {
+
+// The compute type T of SPEC.md: double for float64, float for everything
+// narrower (float16, bfloat16, float32).
+template <typename scalar_t>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+template <typename scalar_t>
+using compute_t = typename ComputeType<scalar_t>::type;
+
+C10_HOST_DEVICE inline float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+C10_HOST_DEVICE inline double div_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+C10_HOST_DEVICE inline float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+C10_HOST_DEVICE inline float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+C10_HOST_DEVICE inline float floor_(float a) {
+#ifdef __CUDA_ARCH__
+  return ::floorf(a);
+#else
+  return std::floor(a);
+#endif
+}
+C10_HOST_DEVICE inline double floor_(double a) {
+#ifdef __CUDA_ARCH__
+  return ::floor(a);
+#else
+  return std::floor(a);
+#endif
+}
+
+// The per-call constants, converted to T once on the host.
+template <typename T>
+struct Params {
+  T max_value;  // m = T(max_value)
+  T levels;     // n = T(2^bit - 1)
+  bool clip_only;  // bit == 32: full precision, clip only
+};
+
+template <typename T>
+inline Params<T> make_params(int64_t bit, double max_value) {
+  Params<T> p;
+  p.max_value = static_cast<T>(max_value);
+  p.clip_only = bit == 32;
+  // For bit == 32 `levels` is never read; keep it finite anyway.
+  p.levels = static_cast<T>(p.clip_only ? 1.0 : std::ldexp(1.0, static_cast<int>(bit)) - 1.0);
+  return p;
+}
+
+// c = min(max(x, 0), m): NaN stays NaN (neither comparison holds),
+// -inf -> 0, +inf -> m, and -0.0 stays -0.0 (as torch.clamp leaves it).
+template <typename T>
+C10_HOST_DEVICE inline T clip(T x, T m) {
+  return x < T(0) ? T(0) : (x > m ? m : x);
+}
+
+// y = (floor((c / m) * n + 0.5) / n) * m, each step rounded to T.
+template <typename T>
+C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {
+  const T c = clip(x, p.max_value);
+  if (p.clip_only) {
+    return c;
+  }
+  const T level = floor_(add_rn(mul_rn(div_rn(c, p.max_value), p.levels), T(0.5)));
+  return mul_rn(div_rn(level, p.levels), p.max_value);
+}
+
+// The integer level floor((c / m) * n + 0.5), as T (exact: at most 65535).
+template <typename T>
+C10_HOST_DEVICE inline T code(T x, const Params<T>& p) {
+  const T c = clip(x, p.max_value);
+  return floor_(add_rn(mul_rn(div_rn(c, p.max_value), p.levels), T(0.5)));
+}
+
+// The straight-through gradient passes where 0 < x < m, compared in T;
+// NaN fails both comparisons.
+template <typename T>
+C10_HOST_DEVICE inline bool passes_gradient(T x, T m) {
+  return (x > T(0)) & (x < m);
+}
+
+}  // namespace formula
+}  // namespace torch_ext

@@ -1,0 +1,50 @@
+// Public C++ API of torch_ext: Blueoil's linear mid-tread half quantizer as a
+// PyTorch operator. The math is ../shared/SPEC.md; every function here calls
+// through the dispatcher, so it is differentiable and runs on every device
+// that has a registered kernel (CPU always, CUDA when built with it).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace torch_ext {
+
+// y = (floor((clip(x, 0, m) / m) * n + 0.5) / n) * m, n = 2^bit - 1 (bit == 32:
+// clip only), with the straight-through gradient for 0 < x < m.
+at::Tensor linear_mid_tread_half_quantize(const at::Tensor& x, int64_t bit, double max_value);
+
+// In place, like torch::relu_: x is overwritten; the gradient is still the
+// mask of the original x.
+at::Tensor& linear_mid_tread_half_quantize_(at::Tensor& x, int64_t bit, double max_value);
+
+// The kernels the differentiable operator is made of. The forward returns y
+// and the gradient mask `0 < x < m`, packed 8 elements a byte (bit j of byte
+// b is element 8*b + j of x in row-major order): a uint8 tensor of
+// mask_numel(x.numel()) elements.
+std::tuple<at::Tensor, at::Tensor> linear_mid_tread_half_quantize_forward(
+    const at::Tensor& x, int64_t bit, double max_value);
+// Writes y into x and returns the mask of the original x.
+at::Tensor linear_mid_tread_half_quantize_forward_(at::Tensor& x, int64_t bit, double max_value);
+// grad_x = grad_y where the mask is set, exactly 0 elsewhere.
+at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask);
+
+// Throws c10::ValueError (bit, max_value) or c10::TypeError (dtype), with a
+// message naming the argument and its value, exactly as SPEC.md refuses them.
+void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value);
+void check_bit(int64_t bit);
+void check_max_value(double max_value);
+// The backward's arguments: a floating grad_y and a uint8 mask of
+// mask_numel(grad_y.numel()) elements on the same device.
+void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask);
+
+// Bytes of packed mask for `numel` elements.
+inline int64_t mask_numel(int64_t numel) {
+  return (numel + 7) / 8;
+}
+
+// Whether this build registered CUDA kernels.
+bool built_with_cuda();
+
+}  // namespace torch_ext

@@ -1,0 +1,29 @@
+"""torch_ext: Blueoil's quantization-aware training for PyTorch.
+
+The linear mid-tread half quantizer (SPEC.md) as a registered operator with
+CPU and CUDA kernels, ``QuantActivation``, Blueoil's binary weight quantizers,
+``QuantConv2d`` and the LMNet classifiers (``torch_ext.models``).
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from . import _C  # registers the torch.ops.torch_ext operators
+from . import _meta  # noqa: F401  (their fake kernels)
+from .modules import QuantActivation
+from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantActivation",
+    "built_with_cuda",
+    "linear_mid_tread_half_quantize",
+    "linear_mid_tread_half_quantize_",
+]
+
+
+def built_with_cuda() -> bool:
+    """Whether this build of torch_ext compiled and registered its CUDA kernels."""
+    return bool(_C.built_with_cuda())

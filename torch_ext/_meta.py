@@ -1,0 +1,53 @@
+"""Fake (meta) kernels of every torch_ext operator: the one place they are registered.
+
+They let FakeTensor tracing (torch.compile, torch.export, opcheck) know the
+output shapes, dtypes and strides without running a kernel. Outputs are laid
+out exactly as the C++ kernels lay them out (``empty_like`` keeps dense layouts
+such as channels_last), and the arguments are checked by the same C++
+function the kernels call, so tracing refuses exactly what eager refuses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+
+def _mask_like(x: torch.Tensor) -> torch.Tensor:
+    # 8 elements a byte, row-major order (csrc/torch_ext/torch_ext.h).
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize")
+def _quantize_fake(x, bit, max_value):
+    _C.check_quantize_arguments(x.dtype, bit, max_value)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize_")
+def _quantize_inplace_fake(x, bit, max_value):
+    _C.check_quantize_arguments(x.dtype, bit, max_value)
+    return x
+
+
+@torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize_forward")
+def _forward_fake(x, bit, max_value):
+    _C.check_quantize_arguments(x.dtype, bit, max_value)
+    return torch.empty_like(x), _mask_like(x)
+
+
+@torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize_forward_")
+def _forward_inplace_fake(x, bit, max_value):
+    _C.check_quantize_arguments(x.dtype, bit, max_value)
+    return _mask_like(x)
+
+
+@torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize_backward")
+def _backward_fake(grad_y, mask):
+    torch._check(mask.dtype == torch.uint8, lambda: f"mask must be a uint8 tensor, got mask of dtype {mask.dtype}")
+    torch._check(
+        mask.dim() == 1 and mask.numel() == (grad_y.numel() + 7) // 8,
+        lambda: f"mask must have shape [{(grad_y.numel() + 7) // 8}], got mask of shape {list(mask.shape)}",
+    )
+    return torch.empty_like(grad_y)

@@ -1,0 +1,112 @@
+"""The functional API: typed, documented wrappers over ``torch.ops.torch_ext``."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable, Optional
+
+import torch
+
+__all__ = [
+    "BackwardFn",
+    "linear_mid_tread_half_quantize",
+    "linear_mid_tread_half_quantize_",
+    "validate_bit",
+    "validate_max_value",
+]
+
+#: ``backward(grad_y, x, bit, max_value) -> grad_x``: replaces the straight-through gradient.
+BackwardFn = Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]
+
+
+def validate_bit(bit) -> int:
+    """``bit`` as an int in 1..16 or 32; ``TypeError`` for a non-integer, ``ValueError`` out of range."""
+    if isinstance(bit, bool):
+        raise TypeError(f"bit must be an int, got bit={bit!r}")
+    try:
+        value = operator.index(bit)
+    except TypeError:
+        raise TypeError(f"bit must be an int, got bit={bit!r} of type {type(bit).__name__}") from None
+    if not (1 <= value <= 16 or value == 32):
+        raise ValueError(f"linear_mid_tread_half_quantize: bit must be in 1..16 or 32, got bit={value}")
+    return value
+
+
+def validate_max_value(max_value) -> float:
+    """``max_value`` as a float, finite and > 0; ``TypeError`` for a non-number, ``ValueError`` otherwise."""
+    if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) and not hasattr(max_value, "__float__"):
+        raise TypeError(f"max_value must be a float, got max_value={max_value!r} of type {type(max_value).__name__}")
+    if isinstance(max_value, torch.Tensor):
+        raise TypeError("max_value must be a Python float, got a tensor; use float(max_value)")
+    value = float(max_value)
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"linear_mid_tread_half_quantize: max_value must be finite and > 0, got max_value={value!r}"
+        )
+    return value
+
+
+def _validate_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got x of type {type(x).__name__}")
+
+
+class _QuantizeWithCustomBackward(torch.autograd.Function):
+    """The operator's forward with a user-supplied backward (Blueoil's ``backward=``)."""
+
+    @staticmethod
+    def forward(ctx, x, bit, max_value, backward, inplace):
+        if inplace:
+            # The user's backward reads the original x, which the kernel overwrites.
+            ctx.save_for_backward(x.clone())
+            torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
+            ctx.mark_dirty(x)
+            y = x
+        else:
+            ctx.save_for_backward(x)
+            y = torch.ops.torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
+        ctx.bit, ctx.max_value, ctx.backward = bit, max_value, backward
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return ctx.backward(grad_y, x, ctx.bit, ctx.max_value), None, None, None, None
+
+
+def linear_mid_tread_half_quantize(
+    x: torch.Tensor, bit: int = 2, max_value: float = 2.0, *, backward: Optional[BackwardFn] = None
+) -> torch.Tensor:
+    """Blueoil's linear mid-tread half quantizer (SPEC.md).
+
+    ``y = (floor((clip(x, 0, m) / m) * n + 0.5) / n) * m`` with ``n = 2**bit - 1``
+    and ``m = max_value``, each step rounded in float32 (float64 for float64
+    inputs); ``bit=32`` clips only. Ties round up. The gradient is
+    straight-through where ``0 < x < m`` and exactly 0 elsewhere, unless
+    ``backward(grad_y, x, bit, max_value) -> grad_x`` is given.
+
+    Raises ``ValueError`` for a bad ``bit`` or ``max_value`` and ``TypeError``
+    for a non-floating ``x``.
+    """
+    _validate_x(x)
+    bit = validate_bit(bit)
+    max_value = validate_max_value(max_value)
+    if backward is not None:
+        return _QuantizeWithCustomBackward.apply(x, bit, max_value, backward, False)
+    return torch.ops.torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
+
+
+def linear_mid_tread_half_quantize_(
+    x: torch.Tensor, bit: int = 2, max_value: float = 2.0, *, backward: Optional[BackwardFn] = None
+) -> torch.Tensor:
+    """In-place :func:`linear_mid_tread_half_quantize`: overwrites and returns ``x``.
+
+    The gradient is still that of the original ``x`` (only its 1-bit mask is kept).
+    """
+    _validate_x(x)
+    bit = validate_bit(bit)
+    max_value = validate_max_value(max_value)
+    if backward is not None:
+        return _QuantizeWithCustomBackward.apply(x, bit, max_value, backward, True)
+    return torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
