@@ -10,6 +10,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 namespace torch_ext {
@@ -71,7 +72,7 @@ at::Tensor quantize_autograd(const at::Tensor& x, int64_t bit, double max_value)
   return LinearMidTreadHalfQuantize::apply(x, bit, max_value)[0];
 }
 
-at::Tensor& quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
+void quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
   check_quantize_arguments(x.scalar_type(), bit, max_value);
   if (!needs_grad(x)) {
     {
@@ -81,7 +82,7 @@ at::Tensor& quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
     // Skipping the ADInplaceOrView key skipped the version bump that lets
     // autograd detect that a tensor saved for backward was modified.
     torch::autograd::impl::bump_version(x);
-    return x;
+    return;
   }
   // Refuse before any work, so x is never left half-written (autograd itself
   // would only notice after the forward has overwritten x).
@@ -94,7 +95,6 @@ at::Tensor& quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
       "linear_mid_tread_half_quantize_: a view of a leaf Variable that requires grad is being used "
       "in an in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False");
   LinearMidTreadHalfQuantizeInplace::apply(x, bit, max_value);
-  return x;
 }
 
 }  // namespace
@@ -103,4 +103,14 @@ at::Tensor& quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
 TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("linear_mid_tread_half_quantize", &torch_ext::quantize_autograd);
   m.impl("linear_mid_tread_half_quantize_", &torch_ext::quantize_autograd_);
+  // The kernel ops are not differentiable themselves (their gradient is what
+  // the Functions above compute): refuse to record them in a graph, and
+  // refuse in-place writes into leaves that require grad, like any ATen op.
+  m.impl("linear_mid_tread_half_quantize_forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_mid_tread_half_quantize_forward_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_mid_tread_half_quantize_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(torch_ext, ADInplaceOrView, m) {
+  m.impl("linear_mid_tread_half_quantize_forward_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
 }

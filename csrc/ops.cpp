@@ -69,8 +69,9 @@ at::Tensor linear_mid_tread_half_quantize(const at::Tensor& x, int64_t bit, doub
 
 at::Tensor& linear_mid_tread_half_quantize_(at::Tensor& x, int64_t bit, double max_value) {
   static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_")
-                       .typed<at::Tensor&(at::Tensor&, int64_t, double)>();
-  return op.call(x, bit, max_value);
+                       .typed<void(at::Tensor&, int64_t, double)>();
+  op.call(x, bit, max_value);
+  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_mid_tread_half_quantize_forward(
@@ -101,7 +102,10 @@ bool built_with_cuda() {
 
 TORCH_LIBRARY(torch_ext, m) {
   m.def("linear_mid_tread_half_quantize(Tensor x, int bit, float max_value) -> Tensor");
-  m.def("linear_mid_tread_half_quantize_(Tensor(a!) x, int bit, float max_value) -> Tensor(a!)");
+  // Returns nothing: torch.compile functionalizes custom ops with mutated
+  // arguments but not with outputs that alias them (the C++ and Python entry
+  // points return x themselves).
+  m.def("linear_mid_tread_half_quantize_(Tensor(a!) x, int bit, float max_value) -> ()");
   m.def(
       "linear_mid_tread_half_quantize_forward(Tensor x, int bit, float max_value) "
       "-> (Tensor y, Tensor mask)");

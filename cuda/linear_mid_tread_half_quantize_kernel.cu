@@ -210,12 +210,11 @@ at::Tensor quantize_cuda(const at::Tensor& x, int64_t bit, double max_value) {
   return layouts::quantize(x, ForwardKernel{bit, max_value});
 }
 
-at::Tensor& quantize_cuda_(at::Tensor& x, int64_t bit, double max_value) {
+void quantize_cuda_(at::Tensor& x, int64_t bit, double max_value) {
   check_quantize_arguments(x.scalar_type(), bit, max_value);
   check_cuda(x, "x");
   c10::cuda::CUDAGuard guard(x.device());
   layouts::quantize_(x, ForwardKernel{bit, max_value});
-  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& x, int64_t bit, double max_value) {

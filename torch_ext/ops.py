@@ -52,6 +52,23 @@ def _validate_x(x) -> None:
         raise TypeError(f"x must be a torch.Tensor, got x of type {type(x).__name__}")
 
 
+def _refuse_inplace_on_leaf(x: torch.Tensor) -> None:
+    # Autograd only notices after forward has run, when x is already
+    # overwritten; refuse first, as csrc/autograd.cpp does for the default backward.
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return
+    if x.is_leaf:
+        raise RuntimeError(
+            "linear_mid_tread_half_quantize_: a leaf Variable that requires grad is being used in an "
+            "in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False"
+        )
+    if x._base is not None and x._base.is_leaf and x._base.requires_grad:
+        raise RuntimeError(
+            "linear_mid_tread_half_quantize_: a view of a leaf Variable that requires grad is being used "
+            "in an in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False"
+        )
+
+
 class _QuantizeWithCustomBackward(torch.autograd.Function):
     """The operator's forward with a user-supplied backward (Blueoil's ``backward=``)."""
 
@@ -108,5 +125,8 @@ def linear_mid_tread_half_quantize_(
     bit = validate_bit(bit)
     max_value = validate_max_value(max_value)
     if backward is not None:
+        # Checked here too: autograd.Function.forward runs with grad mode off.
+        _refuse_inplace_on_leaf(x)
         return _QuantizeWithCustomBackward.apply(x, bit, max_value, backward, True)
-    return torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
+    torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
+    return x

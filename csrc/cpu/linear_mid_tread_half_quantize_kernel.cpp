@@ -169,11 +169,10 @@ at::Tensor quantize_cpu(const at::Tensor& x, int64_t bit, double max_value) {
   return layouts::quantize(x, ForwardKernel{bit, max_value});
 }
 
-at::Tensor& quantize_cpu_(at::Tensor& x, int64_t bit, double max_value) {
+void quantize_cpu_(at::Tensor& x, int64_t bit, double max_value) {
   check_quantize_arguments(x.scalar_type(), bit, max_value);
   check_cpu(x, "x");
   layouts::quantize_(x, ForwardKernel{bit, max_value});
-  return x;
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& x, int64_t bit, double max_value) {

@@ -1,0 +1,89 @@
+# The two commands of the README:
+#   make train   train the W1A2 LMNet on digits next to its float twin
+#   make test    build everything and run every test (pytest and ctest)
+# Both create .venv when it is missing and install what they need into it.
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# This machine's disk holds torch 2.14.1 (a CUDA 13.0 build) and 2.13.0 (CPU).
+TORCH_VERSION ?= 2.14.1
+CMAKE_BUILD_DIR ?= build-cmake
+SANITIZE_BUILD_DIR ?= build-sanitize
+PYTEST_ARGS ?=
+
+# The CUDA toolkit: the folder above nvcc's bin/ (setup.py builds the CUDA
+# kernels when torch is a CUDA build and this is set).
+CUDA_HOME ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
+	elif command -v nvcc >/dev/null; then dirname "$$(dirname "$$(command -v nvcc)")"; fi)
+export CUDA_HOME
+# No GPU is visible at build time here: name the architectures (9.0 is the H200).
+TORCH_CUDA_ARCH_LIST ?= 8.0;8.9;9.0+PTX
+export TORCH_CUDA_ARCH_LIST
+MAX_JOBS ?= $(shell nproc)
+export MAX_JOBS
+
+SOURCES := $(shell find csrc cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+DEPS_STAMP := $(VENV)/.deps-stamp
+BUILD_STAMP := $(VENV)/.build-stamp
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: deps build build-cpp test test-python test-cpp train bench sanitize clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): $(PY) requirements-dev.txt
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install "torch==$(TORCH_VERSION)" -r requirements-dev.txt
+	touch $@
+
+deps: $(DEPS_STAMP)
+
+# The Python extension torch_ext._C, installed editable into .venv.
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^\[|error|Error|warning: |Successfully" ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -c "import torch_ext; print('torch_ext built, CUDA kernels:', torch_ext.built_with_cuda())"
+	touch $@
+
+build: $(BUILD_STAMP)
+
+# Catch2 from Debian's package when no Catch2 is installed.
+catch2:
+	@if [ ! -e /usr/include/catch2/catch.hpp ] && [ ! -e /usr/include/catch2/catch_test_macros.hpp ] \
+	    && [ ! -e /usr/local/include/catch2/catch_test_macros.hpp ]; then \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q catch2; fi
+
+# cmake options that find LibTorch (and, on a pip-installed CUDA torch, nvrtc) in .venv.
+CMAKE_ARGS = -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" \
+	-DCMAKE_MAKE_PROGRAM="$(abspath $(VENV))/bin/ninja" \
+	$$($(PY) scripts/cmake_cuda_args.py)
+
+build-cpp: $(DEPS_STAMP) catch2
+	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD_DIR) $(CMAKE_ARGS)
+	$(VENV)/bin/cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
+
+test-python: $(BUILD_STAMP)
+	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
+
+test-cpp: build-cpp
+	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+
+test: test-python test-cpp
+
+train: $(BUILD_STAMP)
+	$(PY) -m torch_ext.train --compare
+
+bench: $(BUILD_STAMP)
+	$(PY) -m torch_ext.bench --json bench.json
+
+# The C++ library and Catch2 tests under AddressSanitizer and UBSan (CPU only).
+sanitize: $(DEPS_STAMP) catch2
+	$(VENV)/bin/cmake -S . -B $(SANITIZE_BUILD_DIR) $(CMAKE_ARGS) -DTORCH_EXT_CUDA=OFF -DTORCH_EXT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	$(VENV)/bin/cmake --build $(SANITIZE_BUILD_DIR) -j $(MAX_JOBS)
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(VENV)/bin/ctest --test-dir $(SANITIZE_BUILD_DIR) --output-on-failure
+
+clean:
+	rm -rf build $(CMAKE_BUILD_DIR) $(SANITIZE_BUILD_DIR) *.egg-info torch_ext/_C*.so $(BUILD_STAMP)
