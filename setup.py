@@ -42,8 +42,11 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension (C++20 for torch 2.14).
     # -ffp-contract=off: never fuse a*b+c into an FMA (it changes results at
-    # rounding ties); SPEC.md rounds every step.
-    cxx = opt + ["-ffp-contract=off", "-fno-fast-math"]
+    # rounding ties); SPEC.md rounds every step. -fno-trapping-math lets GCC
+    # vectorize floor and selects (no result changes; nothing reads FP flags).
+    # -fopenmp: at::parallel_for is header code, serial without it.
+    cxx = opt + ["-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
+    link = ["-fopenmp"] + (["-g"] if debug else [])
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
@@ -58,10 +61,14 @@ def extensions():
                 sources,
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                extra_link_args=["-g"] if debug else [],
+                extra_link_args=link,
             )
         ]
-    return [CppExtension("torch_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx})]
+    return [
+        CppExtension(
+            "torch_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
+        )
+    ]
 
 
 setup(

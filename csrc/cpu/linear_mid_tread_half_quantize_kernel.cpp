@@ -1,13 +1,11 @@
 // CPU kernels of the linear mid-tread half quantizer.
 //
-// The loops are plain C++ over one contiguous span, written so that GCC and
-// Clang vectorize them (no calls, selects instead of branches, the mask
-// packed from a byte array). Each loop is compiled twice: for the baseline
-// x86-64 ISA and for AVX2, picked at run time. The baseline ISA has no vector
-// floor (it needs SSE4.1's roundps), so without the AVX2 copy the forward
-// would run one element at a time. AVX2 here does not enable FMA, and the
-// files are compiled with -ffp-contract=off anyway: each step of SPEC.md stays
-// one rounded operation, so both copies give bit-identical results.
+// The loops are plain C++ over one contiguous span, compiled twice: for the
+// baseline x86-64 ISA and for AVX2, picked once a call at run time. The
+// baseline ISA has no vector floor (it needs SSE4.1's roundps), so without
+// the AVX2 copy the forward would run one element at a time. Each step of
+// SPEC.md stays one correctly rounded operation in both copies (no FMA, no
+// reciprocal), so they give bit-identical results, whatever the thread count.
 #include "torch_ext/formula.h"
 #include "torch_ext/layouts.h"
 #include "torch_ext/torch_ext.h"
@@ -26,11 +24,11 @@ namespace {
 using formula::compute_t;
 using formula::Params;
 
-// Elements a block: 8 mask bytes. Blocks are the unit of work of a thread, so
-// no two threads ever write to the same mask byte.
-constexpr int64_t kBlock = 64;
-// At least this many elements a thread (about 64 KiB of float32 in and out).
-constexpr int64_t kGrainElements = 16384;
+// Elements a block: 32 mask bytes. Blocks are the unit of work of a thread,
+// so no two threads ever write to the same mask byte.
+constexpr int64_t kBlock = 256;
+// At least this many elements a thread (ATen's own grain size).
+constexpr int64_t kGrainElements = 32768;
 
 // An unsigned integer of the same width as scalar_t: the backward selects raw
 // bits, so -0.0, NaN payloads and infinities of grad_y pass unchanged.
@@ -39,60 +37,108 @@ using bits_t = std::conditional_t<
     sizeof(scalar_t) == 2, uint16_t,
     std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
 
-#define TORCH_EXT_DEFINE_LOOPS(TARGET_ATTRIBUTE)                                                   \
-  template <typename scalar_t, bool kWriteMask>                                                   \
-  TARGET_ATTRIBUTE void forward_block(                                                              \
-      const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) { \
-    using T = compute_t<scalar_t>;                                                                 \
-    if (kWriteMask) {                                                                              \
-      /* The mask first: in place, y overwrites x. */                                              \
-      uint8_t flags[kBlock];                                                                       \
-      for (int64_t j = 0; j < count; ++j) {                                                        \
-        flags[j] = formula::passes_gradient(static_cast<T>(x[j]), p.max_value) ? 1 : 0;           \
-      }                                                                                            \
-      for (int64_t j = count; j < kBlock; ++j) {                                                   \
-        flags[j] = 0;                                                                              \
-      }                                                                                            \
-      const int64_t bytes = mask_numel(count);                                                     \
-      for (int64_t b = 0; b < bytes; ++b) {                                                        \
-        const uint8_t* f = flags + 8 * b;                                                          \
-        mask[b] = static_cast<uint8_t>(                                                            \
-            f[0] | (f[1] << 1) | (f[2] << 2) | (f[3] << 3) | (f[4] << 4) | (f[5] << 5) |           \
-            (f[6] << 6) | (f[7] << 7));                                                            \
-      }                                                                                            \
-    }                                                                                              \
-    if (p.clip_only) {                                                                             \
-      for (int64_t j = 0; j < count; ++j) {                                                        \
-        y[j] = static_cast<scalar_t>(formula::clip(static_cast<T>(x[j]), p.max_value));            \
-      }                                                                                            \
-    } else {                                                                                       \
-      for (int64_t j = 0; j < count; ++j) {                                                        \
-        y[j] = static_cast<scalar_t>(formula::quantize(static_cast<T>(x[j]), p));                  \
-      }                                                                                            \
-    }                                                                                              \
-  }                                                                                                \
-                                                                                                   \
-  template <typename scalar_t>                                                                     \
-  TARGET_ATTRIBUTE void backward_block(                                                             \
-      const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t count) {              \
-    using B = bits_t<scalar_t>;                                                                    \
-    const B* g = reinterpret_cast<const B*>(grad_y);                                               \
-    B* out = reinterpret_cast<B*>(grad_x);                                                         \
-    for (int64_t j = 0; j < count; ++j) {                                                          \
-      const B keep = static_cast<B>(0) - static_cast<B>((mask[j >> 3] >> (j & 7)) & 1);            \
-      out[j] = g[j] & keep;                                                                        \
-    }                                                                                              \
+// Byte v of a mask -> 8 flag bytes (0 or 1), element 0 in the lowest byte.
+struct UnpackTable {
+  uint64_t flags[256];
+  constexpr UnpackTable() : flags() {
+    for (int v = 0; v < 256; ++v) {
+      uint64_t f = 0;
+      for (int i = 0; i < 8; ++i) {
+        f |= static_cast<uint64_t>((v >> i) & 1) << (8 * i);
+      }
+      flags[v] = f;
+    }
   }
+};
+constexpr UnpackTable kUnpack;
 
-namespace baseline {
-TORCH_EXT_DEFINE_LOOPS()
-}  // namespace baseline
+// 8 flag bytes (0 or 1) -> one mask byte: the multiply moves the low bit of
+// byte i to bit 56 + i, with no carries between them.
+inline uint8_t pack_flags(const uint8_t* flags) {
+  uint64_t f;
+  std::memcpy(&f, flags, 8);
+  return static_cast<uint8_t>((f * 0x0102040810204080ULL) >> 56);
+}
+
+// The loops, written so that they vectorize (no calls, selects instead of
+// branches, the mask packed from and unpacked to a byte array). They are
+// always inlined into the per-ISA entry points below, so each ISA gets its
+// own vectorization of the same source.
+template <typename scalar_t, bool kWriteMask>
+C10_ALWAYS_INLINE void forward_block_impl(
+    const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
+  using T = compute_t<scalar_t>;
+  const T m = p.max_value;
+  if (kWriteMask) {
+    // The mask first: in place, y overwrites x.
+    alignas(64) uint8_t flags[kBlock];
+    for (int64_t j = 0; j < count; ++j) {
+      flags[j] = formula::passes_gradient(static_cast<T>(x[j]), m);
+    }
+    const int64_t bytes = mask_numel(count);
+    for (int64_t j = count; j < 8 * bytes; ++j) {
+      flags[j] = 0;
+    }
+    for (int64_t b = 0; b < bytes; ++b) {
+      mask[b] = pack_flags(flags + 8 * b);
+    }
+  }
+  if (p.clip_only) {
+    for (int64_t j = 0; j < count; ++j) {
+      y[j] = static_cast<scalar_t>(formula::clip(static_cast<T>(x[j]), m));
+    }
+  } else {
+    const T n = p.levels;
+    for (int64_t j = 0; j < count; ++j) {
+      y[j] = static_cast<scalar_t>(formula::quantize_levels(static_cast<T>(x[j]), m, n));
+    }
+  }
+}
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void backward_block_impl(
+    const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t count) {
+  using B = bits_t<scalar_t>;
+  alignas(64) uint8_t flags[kBlock];
+  const int64_t bytes = mask_numel(count);
+  for (int64_t b = 0; b < bytes; ++b) {
+    std::memcpy(flags + 8 * b, &kUnpack.flags[mask[b]], 8);
+  }
+  const B* g = reinterpret_cast<const B*>(grad_y);
+  B* out = reinterpret_cast<B*>(grad_x);
+  for (int64_t j = 0; j < count; ++j) {
+    out[j] = g[j] & (B(0) - static_cast<B>(flags[j]));
+  }
+}
+
+// Per-ISA entry points. AVX2 does not imply FMA, and -ffp-contract=off would
+// forbid contraction anyway; -fno-trapping-math (setup.py, CMakeLists.txt)
+// lets GCC vectorize floor and the selects without changing any result.
+struct Baseline {
+  template <typename scalar_t, bool kWriteMask>
+  static void forward(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
+    forward_block_impl<scalar_t, kWriteMask>(x, y, mask, count, p);
+  }
+  template <typename scalar_t>
+  static void backward(const scalar_t* g, scalar_t* out, const uint8_t* mask, int64_t count) {
+    backward_block_impl<scalar_t>(g, out, mask, count);
+  }
+};
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define TORCH_EXT_HAVE_AVX2_LOOPS 1
-namespace avx2 {
-TORCH_EXT_DEFINE_LOOPS(__attribute__((target("avx2"))))
-}  // namespace avx2
+#define TORCH_EXT_HAVE_AVX2 1
+struct Avx2 {
+  template <typename scalar_t, bool kWriteMask>
+  __attribute__((target("avx2"))) static void forward(
+      const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
+    forward_block_impl<scalar_t, kWriteMask>(x, y, mask, count, p);
+  }
+  template <typename scalar_t>
+  __attribute__((target("avx2"))) static void backward(
+      const scalar_t* g, scalar_t* out, const uint8_t* mask, int64_t count) {
+    backward_block_impl<scalar_t>(g, out, mask, count);
+  }
+};
 
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
@@ -100,43 +146,51 @@ bool cpu_has_avx2() {
 }
 #endif
 
-#undef TORCH_EXT_DEFINE_LOOPS
-
-template <typename scalar_t, bool kWriteMask>
-void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
+template <typename Isa, typename scalar_t, bool kWriteMask>
+void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainElements / kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t count = std::min(kBlock, numel - offset);
-      uint8_t* block_mask = kWriteMask ? mask + offset / 8 : nullptr;
-#ifdef TORCH_EXT_HAVE_AVX2_LOOPS
-      if (cpu_has_avx2()) {
-        avx2::forward_block<scalar_t, kWriteMask>(x + offset, y + offset, block_mask, count, p);
-        continue;
-      }
-#endif
-      baseline::forward_block<scalar_t, kWriteMask>(x + offset, y + offset, block_mask, count, p);
+      Isa::template forward<scalar_t, kWriteMask>(
+          x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, p);
     }
   });
 }
 
-template <typename scalar_t>
-void backward_span(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
+template <typename Isa, typename scalar_t>
+void backward_span_isa(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainElements / kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t count = std::min(kBlock, numel - offset);
-#ifdef TORCH_EXT_HAVE_AVX2_LOOPS
-      if (cpu_has_avx2()) {
-        avx2::backward_block<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
-        continue;
-      }
-#endif
-      baseline::backward_block<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
+      Isa::template backward<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
     }
   });
+}
+
+template <typename scalar_t, bool kWriteMask>
+void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
+#ifdef TORCH_EXT_HAVE_AVX2
+  if (cpu_has_avx2()) {
+    forward_span_isa<Avx2, scalar_t, kWriteMask>(x, y, mask, numel, p);
+    return;
+  }
+#endif
+  forward_span_isa<Baseline, scalar_t, kWriteMask>(x, y, mask, numel, p);
+}
+
+template <typename scalar_t>
+void backward_span(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
+#ifdef TORCH_EXT_HAVE_AVX2
+  if (cpu_has_avx2()) {
+    backward_span_isa<Avx2, scalar_t>(grad_y, grad_x, mask, numel);
+    return;
+  }
+#endif
+  backward_span_isa<Baseline, scalar_t>(grad_y, grad_x, mask, numel);
 }
 
 // The flat kernel of layouts.h: src and dst share one dense layout.

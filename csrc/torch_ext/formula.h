@@ -112,22 +112,19 @@ C10_HOST_DEVICE inline T clip(T x, T m) {
   return x < T(0) ? T(0) : (x > m ? m : x);
 }
 
-// y = (floor((c / m) * n + 0.5) / n) * m, each step rounded to T.
+// y = (floor((c / m) * n + 0.5) / n) * m, each step rounded to T (bit < 32).
+// Branch-free, so that a loop over it vectorizes.
 template <typename T>
-C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {
-  const T c = clip(x, p.max_value);
-  if (p.clip_only) {
-    return c;
-  }
-  const T level = floor_(add_rn(mul_rn(div_rn(c, p.max_value), p.levels), T(0.5)));
-  return mul_rn(div_rn(level, p.levels), p.max_value);
+C10_HOST_DEVICE inline T quantize_levels(T x, T m, T n) {
+  const T c = clip(x, m);
+  const T level = floor_(add_rn(mul_rn(div_rn(c, m), n), T(0.5)));
+  return mul_rn(div_rn(level, n), m);
 }
 
-// The integer level floor((c / m) * n + 0.5), as T (exact: at most 65535).
+// The whole forward of SPEC.md, bit == 32 included.
 template <typename T>
-C10_HOST_DEVICE inline T code(T x, const Params<T>& p) {
-  const T c = clip(x, p.max_value);
-  return floor_(add_rn(mul_rn(div_rn(c, p.max_value), p.levels), T(0.5)));
+C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {
+  return p.clip_only ? clip(x, p.max_value) : quantize_levels(x, p.max_value, p.levels);
 }
 
 // The straight-through gradient passes where 0 < x < m, compared in T;
