@@ -1,0 +1,737 @@
+"""Benchmarks of the linear mid-tread half quantizer against its peers (issue 5).
+
+Run ``python -m torch_ext.bench`` (``make bench``). Two parts:
+
+* **Operator benchmark.** Forward, backward and forward+backward of
+  ``torch_ext`` next to the memory-limit yardsticks (``torch.relu`` out of
+  place and a plain copy), ``torch.fake_quantize_per_tensor_affine``, the
+  composite a user writes by hand (a straight-through ``autograd.Function``
+  over clamp/divide/multiply/add/floor/divide/multiply) and that composite
+  under ``torch.compile``; float32 and bfloat16, a small and a large size, on
+  the CPU and, where one is visible, on CUDA.
+* **Training-step benchmark.** One SGD step of ``LmnetV1Quantize`` against
+  its float/ReLU twin ``LmnetV1`` at 32x32.
+
+How it measures:
+
+* Every candidate is warmed up first (``torch.compile`` compiles there,
+  outside the timing; a failure is reported as n/a with its reason). The
+  candidates of one case are then timed round-robin, one sample each per
+  round, with the order rotated every round, so that the noise of a shared
+  machine hits them all alike; the figure is the median over the rounds. A
+  sample repeats the call enough times to last a millisecond or two (small
+  sizes) and divides. CUDA samples are timed with CUDA events.
+* The forward is the training forward: the input requires grad, so each
+  candidate also saves what its backward needs. The backward is timed alone,
+  given one forward graph (``torch.autograd.grad(..., retain_graph=True)``;
+  the copy yardstick's backward is a copy). Forward+backward runs both.
+* Bytes are counted honestly, per element: a forward reads ``x`` and writes
+  ``y`` plus whatever it saves for backward that is neither ``x`` nor ``y``
+  (torch_ext's 1-bit mask: 1/8 byte; fake_quantize's bool mask: 1 byte); a
+  backward reads ``grad_y`` and what was saved (relu: ``y``; the composite:
+  ``x``), and writes ``grad_x``. What is saved is measured with
+  ``torch.autograd.graph.saved_tensors_hooks``, not assumed.
+* ``ext/peer`` is torch_ext's median time divided by the peer's (below 1:
+  torch_ext is faster). ``%copy`` is a figure's GB/s as a fraction of the
+  device's copy bandwidth (``dst.copy_(src)`` into a preallocated tensor of
+  the large size), measured in the same run.
+* The compiled composite is compiled with ``donated_buffer=False``: a donated
+  buffer forbids ``retain_graph=True``, and nothing could be donated here
+  anyway (its saved bool mask is smaller than ``grad_x``).
+
+Reading CPU figures: with glibc's default allocator every float32 output of
+16M elements (64 MiB) is a fresh ``mmap``, so each out-of-place call pays a
+page fault per 4 KiB of output, the same for every candidate; that cost can
+exceed the kernel's. ``--reuse-freed-memory`` keeps freed blocks for reuse (as
+jemalloc or tcmalloc do) and shows the kernels themselves. On a shared,
+oversubscribed machine each ATen OpenMP region also waits for its second
+thread to be scheduled; the ``min`` column shows what the quietest round got.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import torch_ext
+
+__all__ = ["CANDIDATES", "OPS", "main"]
+
+BIT = 2
+MAX_VALUE = 2.0
+
+#: The candidates, in table order; torch_ext first.
+CANDIDATES = ("torch_ext", "relu", "copy", "fake_quantize", "composite", "composite_compiled")
+#: The timed operations.
+OPS = ("forward", "backward", "forward+backward")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+_DEFAULT_SIZES = {"cpu": (1 << 16, 1 << 24), "cuda": (1 << 16, 1 << 28)}
+_QUICK_SIZES = (1 << 16,)
+# A sample lasts at least this long (the call is repeated within it).
+_SAMPLE_SECONDS = {"cpu": 2e-3, "cuda": 1e-3}
+
+
+_T0 = time.perf_counter()
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper()
+    scale = 1
+    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if text.endswith(suffix):
+            text, scale = text[:-1], factor
+            break
+    value = int(float(text) * scale)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _size_name(n: int) -> str:
+    for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor}{suffix}"
+    return str(n)
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# --------------------------------------------------------------------------
+# The hand-written composite.
+
+
+class _CompositeSTE(torch.autograd.Function):
+    """What a user writes by hand: the formula in torch ops, straight-through gradient, saving ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, bit, max_value):
+        ctx.save_for_backward(x)
+        ctx.max_value = max_value
+        n = float(2**bit - 1)
+        c = torch.clamp(x, 0.0, max_value)
+        return torch.floor(c / max_value * n + 0.5) / n * max_value
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        keep = (x > 0) & (x < ctx.max_value)
+        return grad_y * keep.to(grad_y.dtype), None, None
+
+
+def _composite(x: torch.Tensor) -> torch.Tensor:
+    return _CompositeSTE.apply(x, BIT, MAX_VALUE)
+
+
+# --------------------------------------------------------------------------
+# Timing.
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], inner: int, device: torch.device) -> float:
+    """Seconds a call, averaged over ``inner`` back-to-back calls."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / inner
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _calibrate(fn: Callable[[], object], device: torch.device, warmup: int) -> int:
+    """Warm ``fn`` up and return how many calls make one sample."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    per_call = _time_once(fn, 1, device)
+    if per_call < 0.05:
+        per_call = min(per_call, _time_once(fn, 1, device))
+    target = _SAMPLE_SECONDS[device.type]
+    return max(1, min(10000, math.ceil(target / max(per_call, 1e-9))))
+
+
+def _interleaved_medians(
+    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
+    failed: Optional[Dict[str, str]] = None,
+) -> Dict[str, Tuple[float, List[float]]]:
+    """Median seconds a call of each function, sampled round-robin with a rotating order.
+
+    A function that raises while warming up is left out, its reason put in ``failed``.
+    """
+    if failed is None:
+        failed = {}
+    inner: Dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            inner[name] = _calibrate(fn, device, warmup)
+        except Exception as exc:  # noqa: BLE001 - reported as n/a
+            failed[name] = _short_reason(exc)
+            _log(f"  n/a: {name}: {failed[name]}")
+    names = list(inner)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(_time_once(fns[name], inner[name], device))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: (statistics.median(s), s) for name, s in samples.items()}
+
+
+def _copy_bandwidth(device: torch.device, numel: int, repeats: int, warmup: int) -> float:
+    """GB/s of ``dst.copy_(src)`` (read + write) for ``numel`` float32 elements, preallocated."""
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    t = _interleaved_medians({"copy_": lambda: dst.copy_(src)}, device, repeats, warmup)["copy_"][0]
+    return 2 * src.nbytes / t / 1e9
+
+
+def _reuse_freed_memory() -> Optional[str]:
+    """Make glibc keep freed memory for reuse (no mmap for large blocks, no trimming); None if done.
+
+    By default glibc maps each block over 32 MiB afresh and unmaps it on free,
+    so every out-of-place call at 16M float32 elements pays a page fault per
+    4 KiB of its output, for every candidate alike. jemalloc and tcmalloc, the
+    allocators recommended for PyTorch on CPU, keep such blocks instead.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "no glibc mallopt in this process"
+    m_trim_threshold, m_mmap_max = -1, -4
+    if mallopt(m_mmap_max, 0) != 1 or mallopt(m_trim_threshold, 2**31 - 1) != 1:
+        return "mallopt refused"
+    return None
+
+
+def _no_donated_buffers():
+    """A context where torch.compile's backward does not donate buffers (allows retain_graph=True)."""
+    try:
+        import torch._functorch.config as functorch_config
+
+        if hasattr(functorch_config, "donated_buffer"):
+            return functorch_config.patch(donated_buffer=False)
+    except ImportError:
+        pass
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------
+# Candidates.
+
+
+@dataclass
+class _Candidate:
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    #: A backward that is not autograd's (the copy yardstick): grad_y -> grad_x.
+    backward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    error: Optional[str] = None  # why it is n/a
+
+
+def _make_candidates(device: torch.device, dtype: torch.dtype) -> List[_Candidate]:
+    n = 2**BIT - 1
+    scale = MAX_VALUE / n
+
+    def fake_quantize(x):
+        return torch.fake_quantize_per_tensor_affine(x, scale, 0, 0, n)
+
+    return [
+        _Candidate("torch_ext", lambda x: torch_ext.linear_mid_tread_half_quantize(x, BIT, MAX_VALUE)),
+        _Candidate("relu", torch.relu),
+        _Candidate("copy", lambda x: x.clone(), backward=lambda g: torch.empty_like(g).copy_(g)),
+        _Candidate("fake_quantize", fake_quantize),
+        _Candidate("composite", _composite),
+        # Compiled per case (fixed shape and dtype), in _prepare.
+        _Candidate("composite_compiled", _composite),
+    ]
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _saved_for_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """(bytes saved per element, bytes saved per element that are new tensors, i.e. neither x nor y)."""
+    saved: List[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fn(x)
+    total = 0
+    new = 0
+    shared = {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}
+    seen = set()
+    for t in saved:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+        if key in seen:  # one tensor saved twice is still read once
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if t.untyped_storage().data_ptr() not in shared:
+            new += nbytes
+    return total / x.numel(), new / x.numel()
+
+
+# --------------------------------------------------------------------------
+# The operator benchmark.
+
+
+@dataclass
+class Result:
+    device: str
+    dtype: str
+    size: int
+    op: str
+    candidate: str
+    median_s: Optional[float] = None
+    min_s: Optional[float] = None
+    samples_s: List[float] = field(default_factory=list)
+    bytes_per_element: Optional[float] = None
+    gbps: Optional[float] = None
+    fraction_of_copy: Optional[float] = None
+    saved_bytes_per_element: Optional[float] = None
+    #: torch_ext's median time / this candidate's.
+    torch_ext_ratio: Optional[float] = None
+    status: str = "ok"
+    reason: Optional[str] = None
+
+
+def _bench_case(
+    device: torch.device, dtype: torch.dtype, numel: int, repeats: int, warmup: int, copy_gbps: Optional[float]
+) -> List[Result]:
+    dtype_name = str(dtype).replace("torch.", "")
+    element = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # Inputs over [-1, 3): some below 0, some above max_value = 2, most inside.
+    x = (torch.rand(numel, generator=gen, dtype=torch.float32) * 4 - 1).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    grad = torch.rand(numel, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    candidates = _make_candidates(device, dtype)
+    saved_info: Dict[str, Tuple[float, float]] = {}
+    for c in candidates:
+        if c.name == "composite_compiled":
+            _log(f"{device.type} {dtype_name} {_size_name(numel)}: compiling the composite")
+            try:
+                compiled = torch.compile(_composite, dynamic=False, fullgraph=True)
+                y = compiled(x)  # compiles the forward and the backward
+                torch.autograd.grad(y, x, grad)
+                _sync(device)
+                c.forward = compiled
+            except Exception as exc:  # noqa: BLE001 - any failure is reported, not raised
+                c.error = "torch.compile failed: " + _short_reason(exc)
+                _log(f"  n/a: {c.error}")
+                continue
+        try:
+            y = c.forward(x)
+            if c.backward is None:
+                torch.autograd.grad(y, x, grad)
+            else:
+                c.backward(grad)
+            saved_info[c.name] = _saved_for_backward(c.forward, x)
+        except Exception as exc:  # noqa: BLE001 - e.g. a dtype a peer does not support
+            c.error = _short_reason(exc)
+            _log(f"  n/a: {c.name}: {c.error}")
+    ok = [c for c in candidates if c.error is None]
+
+    results: List[Result] = []
+    for op in OPS:
+        _log(f"{device.type} {dtype_name} {_size_name(numel)} {op}: {', '.join(c.name for c in ok)}")
+        fns: Dict[str, Callable[[], object]] = {}
+        graphs = []  # keeps the forward graphs of the backward timing alive
+        for c in ok:
+            if op == "forward":
+                fns[c.name] = (lambda f: lambda: f(x))(c.forward)
+            elif op == "backward":
+                if c.backward is not None:
+                    fns[c.name] = (lambda b: lambda: b(grad))(c.backward)
+                else:
+                    with torch.enable_grad():
+                        y = c.forward(x)
+                    graphs.append(y)
+                    fns[c.name] = (lambda y: lambda: torch.autograd.grad(y, x, grad, retain_graph=True))(y)
+            else:
+                if c.backward is not None:
+                    fns[c.name] = (lambda f, b: lambda: (f(x), b(grad)))(c.forward, c.backward)
+                else:
+                    fns[c.name] = (lambda f: lambda: torch.autograd.grad(f(x), x, grad))(c.forward)
+        with torch.enable_grad():
+            failed: Dict[str, str] = {}
+            medians = _interleaved_medians(fns, device, repeats, warmup, failed) if fns else {}
+        del graphs
+
+        for c in candidates:
+            r = Result(device.type, dtype_name, numel, op, c.name)
+            if c.error is not None or c.name in failed:
+                r.status, r.reason = "n/a", c.error or failed[c.name]
+                results.append(r)
+                continue
+            total, new = saved_info[c.name]
+            if c.backward is not None:  # the copy: no saved tensors, a copy each way
+                fwd_bytes = bwd_bytes = 2 * element
+            else:
+                fwd_bytes = 2 * element + new
+                bwd_bytes = 2 * element + total
+            r.bytes_per_element = {"forward": fwd_bytes, "backward": bwd_bytes}.get(op, fwd_bytes + bwd_bytes)
+            r.median_s, r.samples_s = medians[c.name]
+            r.min_s = min(r.samples_s)
+            r.gbps = r.bytes_per_element * numel / r.median_s / 1e9
+            if copy_gbps:
+                r.fraction_of_copy = r.gbps / copy_gbps
+            r.saved_bytes_per_element = total
+            results.append(r)
+        ext = next((r for r in results[-len(candidates):] if r.candidate == "torch_ext"), None)
+        for r in results[-len(candidates):]:
+            if ext is not None and ext.median_s and r.median_s:
+                r.torch_ext_ratio = ext.median_s / r.median_s
+    del x, grad
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+# --------------------------------------------------------------------------
+# The training-step benchmark.
+
+
+def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int) -> Dict[str, object]:
+    from torch_ext.models import LmnetV1, LmnetV1Quantize  # another module; imported when needed
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    steps: Dict[str, Callable[[], object]] = {}
+    for name, cls in (("LmnetV1Quantize", LmnetV1Quantize), ("LmnetV1", LmnetV1)):
+        torch.manual_seed(0)
+        model = cls(num_classes=10).to(device).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss.backward()
+            opt.step()
+
+        steps[name] = step
+    _log(f"{device.type} training step, batch {batch}: LmnetV1Quantize vs LmnetV1 ({repeats} rounds)")
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    names = list(steps)
+    samples: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for n in names[shift:] + names[:shift]:
+            samples[n].append(_time_once(steps[n], 1, device))
+    med = {n: statistics.median(s) for n, s in samples.items()}
+    return {
+        "device": device.type,
+        "batch": batch,
+        "image_size": [32, 32],
+        "optimizer": "SGD(lr=0.01, momentum=0.9)",
+        "median_s": med,
+        "samples_s": samples,
+        "ratio_quantized_over_float": med["LmnetV1Quantize"] / med["LmnetV1"],
+    }
+
+
+# --------------------------------------------------------------------------
+# Targets of issue 5.
+
+
+def _find(results: Sequence[Result], **kw) -> Optional[Result]:
+    for r in results:
+        if all(getattr(r, k) == v for k, v in kw.items()):
+            return r
+    return None
+
+
+def _targets(results: Sequence[Result], train: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Issue 5's targets, where this run measured them at the target size."""
+    out: List[Dict[str, object]] = []
+
+    def ratio_target(device, dtype, size, op, peer, limit, text):
+        r = _find(results, device=device, dtype=dtype, size=size, op=op, candidate=peer)
+        value = r.torch_ext_ratio if r is not None else None
+        out.append({
+            "target": text, "device": device, "dtype": dtype, "size": size, "op": op, "peer": peer,
+            "value": value, "limit": limit, "kind": "time ratio torch_ext/peer <=",
+            "met": None if value is None else value <= limit,
+        })
+
+    def fraction_target(device, dtype, size, op, limit, text):
+        r = _find(results, device=device, dtype=dtype, size=size, op=op, candidate="torch_ext")
+        value = r.fraction_of_copy if r is not None else None
+        out.append({
+            "target": text, "device": device, "dtype": dtype, "size": size, "op": op, "peer": "copy bandwidth",
+            "value": value, "limit": limit, "kind": "fraction of copy GB/s >=",
+            "met": None if value is None else value >= limit,
+        })
+
+    cpu, big = "cpu", _DEFAULT_SIZES["cpu"][1]
+    if _find(results, device=cpu, dtype="float32", size=big):
+        ratio_target(cpu, "float32", big, "forward", "relu", 1.2, "CPU fp32 16M forward within 1.2x of relu")
+        ratio_target(cpu, "float32", big, "backward", "relu", 1.2, "CPU fp32 16M backward within 1.2x of relu")
+        ratio_target(cpu, "float32", big, "forward+backward", "fake_quantize", 1.0,
+                     "CPU fp32 16M fwd+bwd at least as fast as fake_quantize")
+        ratio_target(cpu, "float32", big, "forward+backward", "composite", 0.25,
+                     "CPU fp32 16M fwd+bwd at least 4x faster than the composite")
+        ratio_target(cpu, "float32", big, "forward+backward", "composite_compiled", 1.0,
+                     "CPU fp32 16M fwd+bwd at least as fast as the compiled composite")
+    big = _DEFAULT_SIZES["cuda"][1]
+    for dtype in ("float32", "bfloat16"):
+        if not _find(results, device="cuda", dtype=dtype, size=big):
+            continue
+        for op in ("forward", "backward"):
+            fraction_target("cuda", dtype, big, op, 0.85, f"GPU {dtype} 256M {op} at >= 85% of copy bandwidth")
+            for peer in ("fake_quantize", "composite_compiled"):
+                ratio_target("cuda", dtype, big, op, peer, 1.0, f"GPU {dtype} 256M {op} at least as fast as {peer}")
+    for t in train:
+        if t["device"] == "cuda":
+            value = t["ratio_quantized_over_float"]
+            out.append({
+                "target": f"GPU training step (batch {t['batch']}) within 1.15x of the float twin",
+                "device": "cuda", "value": value, "limit": 1.15, "kind": "time ratio quantized/float <=",
+                "met": value <= 1.15,
+            })
+    return out
+
+
+# --------------------------------------------------------------------------
+# Output.
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "n/a"
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _print_table(results: Sequence[Result], copy_gbps: Dict[str, float], out=sys.stdout) -> None:
+    header = (f"{'device':<6} {'op':<16} {'dtype':<8} {'size':>5}  {'candidate':<18} {'median':>10} {'min':>10} "
+              f"{'GB/s':>7} {'%copy':>6} {'ext/peer':>8} {'saved B/el':>10}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    last_group = None
+    for r in results:
+        group = (r.device, r.op, r.dtype, r.size)
+        if last_group is not None and group != last_group:
+            print("", file=out)
+        last_group = group
+        if r.status != "ok":
+            print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {_size_name(r.size):>5}  {r.candidate:<18} "
+                  f"{'n/a':>10}  ({r.reason})", file=out)
+            continue
+        ratio = "" if r.candidate == "torch_ext" or r.torch_ext_ratio is None else f"{r.torch_ext_ratio:.2f}x"
+        frac = "" if r.fraction_of_copy is None else f"{100 * r.fraction_of_copy:.0f}%"
+        print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {_size_name(r.size):>5}  {r.candidate:<18} "
+              f"{_fmt_time(r.median_s):>10} {_fmt_time(r.min_s):>10} {r.gbps:7.1f} {frac:>6} {ratio:>8} "
+              f"{r.saved_bytes_per_element:10.3f}", file=out)
+    for dev, bw in copy_gbps.items():
+        print(f"\n{dev} copy bandwidth (dst.copy_(src), float32, preallocated): {bw:.1f} GB/s", file=out)
+    print("median/min: over the interleaved rounds; GB/s, %copy and ext/peer are of the medians.", file=out)
+    print("ext/peer: torch_ext's median time / the candidate's (below 1: torch_ext is faster).", file=out)
+
+
+def _print_train(train: Sequence[Dict[str, object]], out=sys.stdout) -> None:
+    for t in train:
+        med = t["median_s"]
+        print(f"\nTraining step on {t['device']} (batch {t['batch']}, 32x32, SGD; median of "
+              f"{len(t['samples_s']['LmnetV1'])} interleaved rounds): LmnetV1Quantize "
+              f"{_fmt_time(med['LmnetV1Quantize'])}, LmnetV1 {_fmt_time(med['LmnetV1'])}, "
+              f"ratio {t['ratio_quantized_over_float']:.2f}x", file=out)
+
+
+def _print_targets(targets: Sequence[Dict[str, object]], out=sys.stdout) -> None:
+    if not targets:
+        return
+    print("\nIssue 5 targets:", file=out)
+    for t in targets:
+        value = t["value"]
+        if value is None:
+            status, shown = "n/a", "n/a"
+        else:
+            status = "met" if t["met"] else "MISSED"
+            shown = f"{100 * value:.0f}%" if "fraction" in t["kind"] else f"{value:.2f}x"
+        print(f"  [{status:>6}] {t['target']}: {shown} (limit {t['limit']})", file=out)
+
+
+# --------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m torch_ext.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=_csv, default=None,
+                   help="comma-separated: cpu,cuda (default: cpu, and cuda when one is visible)")
+    p.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="default: float32,bfloat16")
+    p.add_argument("--sizes", type=lambda s: [_parse_size(t) for t in _csv(s)], default=None,
+                   help="element counts, K/M/G suffixes allowed (default: 64K,16M on CPU; 64K,256M on CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 9 CPU, 30 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per candidate (default 2 CPU, 5 CUDA)")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="CPU: make glibc reuse freed blocks (as jemalloc/tcmalloc do) instead of mapping each "
+                        "large output afresh, so that page faults do not hide the kernels' cost")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="a fast smoke run: small size, few rounds, tiny batch")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--train-step", dest="train_step", action="store_true", default=None,
+                   help="run the training-step benchmark (the default)")
+    p.add_argument("--no-train-step", dest="train_step", action="store_false", help="skip it")
+    p.add_argument("--only-train-step", action="store_true", help="skip the operator benchmark")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="batch of the training step (default 256 on CUDA, 32 on CPU; 2 with --quick)")
+    p.add_argument("--train-repeats", type=int, default=None, help="timed rounds of the training step")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    devices = args.devices
+    if devices is None:
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in devices:
+        if d not in ("cpu", "cuda"):
+            raise SystemExit(f"--devices: unknown device {d!r} (cpu, cuda)")
+    if "cuda" in devices and not torch.cuda.is_available():
+        _log("no CUDA device is visible: skipping cuda")
+        devices = [d for d in devices if d != "cuda"]
+    for d in args.dtypes:
+        if d not in _DTYPES:
+            raise SystemExit(f"--dtypes: unknown dtype {d!r} ({', '.join(_DTYPES)})")
+    run_train = True if args.train_step is None else args.train_step
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reuse = None
+    if args.reuse_freed_memory:
+        failure = _reuse_freed_memory()
+        reuse = failure is None
+        if failure:
+            _log(f"--reuse-freed-memory: {failure}; continuing without")
+
+    started = time.perf_counter()
+    results: List[Result] = []
+    copy_gbps: Dict[str, float] = {}
+    train: List[Dict[str, object]] = []
+    meta = {
+        "torch": torch.__version__,
+        "torch_ext": torch_ext.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "bit": BIT,
+        "max_value": MAX_VALUE,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+        "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
+        "reuse_freed_memory": reuse,
+    }
+
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        if args.quick:
+            default_sizes, default_repeats, default_warmup = _QUICK_SIZES, 3, 1
+        elif dev_name == "cpu":
+            default_sizes, default_repeats, default_warmup = _DEFAULT_SIZES[dev_name], 9, 2
+        else:
+            default_sizes, default_repeats, default_warmup = _DEFAULT_SIZES[dev_name], 30, 5
+        warmup = args.warmup if args.warmup is not None else default_warmup
+        sizes = args.sizes or list(default_sizes)
+        repeats = args.repeats or default_repeats
+        if not args.only_train_step:
+            _log(f"{dev_name}: copy bandwidth at {_size_name(max(sizes))} float32")
+            copy_gbps[dev_name] = _copy_bandwidth(device, max(sizes), repeats, warmup)
+            # Donated buffers (a compiled backward reusing a saved tensor's memory
+            # for its output) forbid retain_graph=True, which the backward timing
+            # needs; the check is made at each backward call. Nothing could be
+            # donated here anyway: the saved bool mask is smaller than grad_x.
+            with _no_donated_buffers():
+                for dtype_name in args.dtypes:
+                    for numel in sizes:
+                        results += _bench_case(device, _DTYPES[dtype_name], numel, repeats, warmup,
+                                               copy_gbps[dev_name])
+        if run_train:
+            if args.train_batch is not None:
+                batch = args.train_batch
+            else:
+                batch = 2 if args.quick else (256 if dev_name == "cuda" else 32)
+            if args.quick:
+                train_repeats, train_warmup = 1, 0
+            else:
+                train_repeats, train_warmup = (5, 1) if dev_name == "cpu" else (20, 3)
+            train_repeats = args.train_repeats or train_repeats
+            train.append(_bench_train_step(device, batch, train_repeats, train_warmup))
+
+    targets = _targets(results, train)
+    if results:
+        _print_table(results, copy_gbps)
+    _print_train(train)
+    _print_targets(targets)
+    elapsed = time.perf_counter() - started
+    print(f"\n(torch {meta['torch']}, {meta['threads']} threads, CPU capability {meta['cpu_capability']}"
+          + (f", {meta['cuda_device']}" if meta["cuda_device"] else "")
+          + (", freed memory reused (glibc mallopt)" if reuse else "")
+          + f"; {elapsed:.0f} s)")
+    if args.json:
+        doc = {
+            "meta": meta,
+            "copy_bandwidth_gbps": copy_gbps,
+            "results": [asdict(r) for r in results],
+            "train_step": train,
+            "targets": targets,
+            "elapsed_s": elapsed,
+        }
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=1)
+        _log(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
