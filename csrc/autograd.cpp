@@ -8,8 +8,10 @@
 #include "torch_ext/torch_ext.h"
 
 #include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
@@ -58,6 +60,22 @@ class LinearMidTreadHalfQuantizeInplace
   }
 };
 
+}  // namespace
+
+void check_inplace_allowed(const at::Tensor& x) {
+  // Checked here, above the kernels: below autograd, InferenceMode::is_enabled()
+  // is true whatever the user's mode, so the kernels cannot tell.
+  TORCH_CHECK(
+      !x.is_inference() || c10::InferenceMode::is_enabled(),
+      "linear_mid_tread_half_quantize_: Inplace update to inference tensor outside InferenceMode is not "
+      "allowed. You can make a clone to get a normal tensor before doing inplace update.");
+  // ATen's own check, as every in-place ATen op makes it (leaves, views of
+  // leaves, views that cannot be rebased).
+  torch::autograd::check_inplace(x, at::GradMode::is_enabled() && x.requires_grad());
+}
+
+namespace {
+
 bool needs_grad(const at::Tensor& x) {
   return at::GradMode::is_enabled() && x.requires_grad();
 }
@@ -74,6 +92,9 @@ at::Tensor quantize_autograd(const at::Tensor& x, int64_t bit, double max_value)
 
 void quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
   check_quantize_arguments(x.scalar_type(), bit, max_value);
+  // Refuse before any work, so x is never left half-written (autograd itself
+  // would only notice after the forward has overwritten x).
+  check_inplace_allowed(x);
   if (!needs_grad(x)) {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -84,17 +105,26 @@ void quantize_autograd_(at::Tensor& x, int64_t bit, double max_value) {
     torch::autograd::impl::bump_version(x);
     return;
   }
-  // Refuse before any work, so x is never left half-written (autograd itself
-  // would only notice after the forward has overwritten x).
-  TORCH_CHECK(
-      !x.is_leaf(),
-      "linear_mid_tread_half_quantize_: a leaf Variable that requires grad is being used in an "
-      "in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False");
-  TORCH_CHECK(
-      !(x.is_view() && x._base().is_leaf() && x._base().requires_grad()),
-      "linear_mid_tread_half_quantize_: a view of a leaf Variable that requires grad is being used "
-      "in an in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False");
   LinearMidTreadHalfQuantizeInplace::apply(x, bit, max_value);
+}
+
+// The in-place kernel op is not differentiable (linear_mid_tread_half_quantize_
+// is its differentiable form); it still refuses what any in-place op refuses
+// and bumps x's version.
+at::Tensor forward_autograd_(at::Tensor& x, int64_t bit, double max_value) {
+  check_quantize_arguments(x.scalar_type(), bit, max_value);
+  check_inplace_allowed(x);
+  TORCH_CHECK(
+      !needs_grad(x),
+      "linear_mid_tread_half_quantize_forward_ is not differentiable: use linear_mid_tread_half_quantize_, "
+      "which saves this mask for its backward");
+  at::Tensor mask;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    mask = linear_mid_tread_half_quantize_forward_(x, bit, max_value);
+  }
+  torch::autograd::impl::bump_version(x);
+  return mask;
 }
 
 }  // namespace
@@ -104,13 +134,9 @@ TORCH_LIBRARY_IMPL(torch_ext, Autograd, m) {
   m.impl("linear_mid_tread_half_quantize", &torch_ext::quantize_autograd);
   m.impl("linear_mid_tread_half_quantize_", &torch_ext::quantize_autograd_);
   // The kernel ops are not differentiable themselves (their gradient is what
-  // the Functions above compute): refuse to record them in a graph, and
-  // refuse in-place writes into leaves that require grad, like any ATen op.
+  // the Functions above compute): refuse to record them in a graph.
   m.impl("linear_mid_tread_half_quantize_forward", torch::autograd::autogradNotImplementedFallback());
-  m.impl("linear_mid_tread_half_quantize_forward_", torch::autograd::autogradNotImplementedFallback());
+  m.impl("linear_mid_tread_half_quantize_forward_", &torch_ext::forward_autograd_);
   m.impl("linear_mid_tread_half_quantize_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
-TORCH_LIBRARY_IMPL(torch_ext, ADInplaceOrView, m) {
-  m.impl("linear_mid_tread_half_quantize_forward_", torch::autograd::autogradNotImplementedInplaceOrViewFallback());
-}

@@ -34,5 +34,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         END_HANDLE_TH_ERRORS_PYBIND
       },
       pybind11::arg("max_value"));
+  m.def(
+      "check_inplace_allowed",
+      [](const at::Tensor& x) {
+        HANDLE_TH_ERRORS
+        torch_ext::check_inplace_allowed(x);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      pybind11::arg("x"));
   m.def("built_with_cuda", &torch_ext::built_with_cuda, "Whether CUDA kernels were compiled and registered.");
 }

@@ -105,7 +105,7 @@ __global__ void forward_kernel(
       if (kWriteMask) {
         bits |= static_cast<uint32_t>(formula::passes_gradient(xv, p.max_value)) << j;
       }
-      out.v[j] = to_bits(static_cast<scalar_t>(formula::quantize(xv, p)));
+      out.v[j] = formula::canonical_nan<scalar_t>(to_bits(static_cast<scalar_t>(formula::quantize(xv, p))));
     }
     if (vectorized && full) {
       store_group(y + base, out);

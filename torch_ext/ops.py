@@ -54,19 +54,11 @@ def _validate_x(x) -> None:
 
 def _refuse_inplace_on_leaf(x: torch.Tensor) -> None:
     # Autograd only notices after forward has run, when x is already
-    # overwritten; refuse first, as csrc/autograd.cpp does for the default backward.
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return
-    if x.is_leaf:
-        raise RuntimeError(
-            "linear_mid_tread_half_quantize_: a leaf Variable that requires grad is being used in an "
-            "in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False"
-        )
-    if x._base is not None and x._base.is_leaf and x._base.requires_grad:
-        raise RuntimeError(
-            "linear_mid_tread_half_quantize_: a view of a leaf Variable that requires grad is being used "
-            "in an in-place operation; use the out-of-place linear_mid_tread_half_quantize or inplace=False"
-        )
+    # overwritten; refuse first with ATen's own check, as csrc/autograd.cpp
+    # does for the default backward.
+    from . import _C
+
+    _C.check_inplace_allowed(x)
 
 
 class _QuantizeWithCustomBackward(torch.autograd.Function):

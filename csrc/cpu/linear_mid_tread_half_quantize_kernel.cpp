@@ -83,14 +83,26 @@ C10_ALWAYS_INLINE void forward_block_impl(
       mask[b] = pack_flags(flags + 8 * b);
     }
   }
+  // Each result goes out through its bits, with any NaN replaced by the one
+  // NaN pattern of formula.h that the CUDA kernels write too (memcpy: the
+  // defined way to pun, which compilers vectorize like a plain store).
+  using B = bits_t<scalar_t>;
   if (p.clip_only) {
     for (int64_t j = 0; j < count; ++j) {
-      y[j] = static_cast<scalar_t>(formula::clip(static_cast<T>(x[j]), m));
+      const scalar_t r = static_cast<scalar_t>(formula::clip(static_cast<T>(x[j]), m));
+      B bits;
+      std::memcpy(&bits, &r, sizeof(B));
+      bits = formula::canonical_nan<scalar_t>(bits);
+      std::memcpy(y + j, &bits, sizeof(B));
     }
   } else {
     const T n = p.levels;
     for (int64_t j = 0; j < count; ++j) {
-      y[j] = static_cast<scalar_t>(formula::quantize_levels(static_cast<T>(x[j]), m, n));
+      const scalar_t r = static_cast<scalar_t>(formula::quantize_levels(static_cast<T>(x[j]), m, n));
+      B bits;
+      std::memcpy(&bits, &r, sizeof(B));
+      bits = formula::canonical_nan<scalar_t>(bits);
+      std::memcpy(y + j, &bits, sizeof(B));
     }
   }
 }

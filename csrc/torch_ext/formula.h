@@ -127,6 +127,45 @@ C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {
   return p.clip_only ? clip(x, p.max_value) : quantize_levels(x, p.max_value, p.levels);
 }
 
+// One NaN for every NaN result, the default quiet NaN of each format: CPU
+// arithmetic keeps a NaN's sign and payload while CUDA arithmetic and
+// conversions write their own canonical NaN, so without this the two
+// devices would write different bits for NaN inputs.
+template <typename scalar_t>
+struct NaNBits;
+template <>
+struct NaNBits<float> {
+  using type = uint32_t;
+  static constexpr uint32_t value = 0x7FC00000u;
+  static constexpr uint32_t exponent = 0x7F800000u;
+};
+template <>
+struct NaNBits<double> {
+  using type = uint64_t;
+  static constexpr uint64_t value = 0x7FF8000000000000ull;
+  static constexpr uint64_t exponent = 0x7FF0000000000000ull;
+};
+template <>
+struct NaNBits<c10::Half> {
+  using type = uint16_t;
+  static constexpr uint16_t value = 0x7E00u;
+  static constexpr uint16_t exponent = 0x7C00u;
+};
+template <>
+struct NaNBits<c10::BFloat16> {
+  using type = uint16_t;
+  static constexpr uint16_t value = 0x7FC0u;
+  static constexpr uint16_t exponent = 0x7F80u;
+};
+
+// The bits of y, with any NaN replaced by NaNBits<scalar_t>::value.
+template <typename scalar_t>
+C10_HOST_DEVICE inline typename NaNBits<scalar_t>::type canonical_nan(typename NaNBits<scalar_t>::type bits) {
+  using B = typename NaNBits<scalar_t>::type;
+  const B magnitude = bits & static_cast<B>(~(static_cast<B>(1) << (8 * sizeof(B) - 1)));
+  return magnitude > NaNBits<scalar_t>::exponent ? NaNBits<scalar_t>::value : bits;
+}
+
 // The straight-through gradient passes where 0 < x < m, compared in T;
 // NaN fails both comparisons.
 template <typename T>

@@ -13,12 +13,23 @@
 #include "torch_ext/torch_ext.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 
 namespace torch_ext {
 namespace layouts {
 
 inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
   return a.is_non_overlapping_and_dense() && a.strides() == b.strides();
+}
+
+// Inference tensors carry no autograd keys, so in-place calls on them come
+// straight to the kernels: refuse them here, outside inference mode, as
+// torch.relu_ does. (Normal tensors are checked by the Autograd kernels.)
+inline void check_inference_tensor_writable(const at::Tensor& x) {
+  TORCH_CHECK(
+      !x.is_inference() || c10::InferenceMode::is_enabled(),
+      "linear_mid_tread_half_quantize_: Inplace update to inference tensor outside InferenceMode is not "
+      "allowed. You can make a clone to get a normal tensor before doing inplace update.");
 }
 
 // y = f(x), no mask: works in memory order whenever x is dense (contiguous,
@@ -47,6 +58,7 @@ at::Tensor quantize(const at::Tensor& x, Kernel&& kernel) {
 // x = f(x), no mask.
 template <typename Kernel>
 void quantize_(at::Tensor& x, Kernel&& kernel) {
+  check_inference_tensor_writable(x);
   if (x.numel() == 0) {
     return;
   }
@@ -85,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, Kernel&& kernel)
 // mask = f(x) with y written into x.
 template <typename Kernel>
 at::Tensor forward_(at::Tensor& x, Kernel&& kernel) {
+  check_inference_tensor_writable(x);
   at::Tensor mask = empty_mask(x);
   if (x.numel() == 0) {
     return mask;

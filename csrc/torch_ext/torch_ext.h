@@ -39,6 +39,10 @@ void check_max_value(double max_value);
 // mask_numel(grad_y.numel()) elements on the same device.
 void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask);
 
+// Throws, as ATen's in-place ops do, when writing into x in place would break
+// autograd (x is a leaf that requires grad, or a view of one).
+void check_inplace_allowed(const at::Tensor& x);
+
 // Bytes of packed mask for `numel` elements.
 inline int64_t mask_numel(int64_t numel) {
   return (numel + 7) / 8;

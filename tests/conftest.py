@@ -1,0 +1,244 @@
+"""Shared fixtures and helpers of the pytest suite.
+
+- ``devices``/``device``: "cpu", plus "cuda" where a GPU is visible and
+  torch_ext was built with its CUDA kernels.
+- ``assert_bit_exact``: compares two tensors bit for bit (viewed as integers
+  of the same width), so that -0.0 vs 0.0 and NaN payloads count.
+- hypothesis profiles: "ci" (loaded by default: a fixed, modest, derandomized
+  budget) and "long" (``pytest --hypothesis-profile=long``).
+- the ``slow`` marker: tests that take long but still run by default
+  (deselect with ``-m "not slow"``).
+
+Test files import the plain helpers with ``from conftest import ...`` (pytest
+puts this folder on ``sys.path``, as it has no ``__init__.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+import torch_ext
+
+# --------------------------------------------------------------------------
+# Hypothesis profiles. The "ci" budget is fixed and derandomized, so CI runs
+# the same examples every time; "long" is for hunting (hours if you like:
+# HYPOTHESIS_LONG_EXAMPLES=100000).
+settings.register_profile(
+    "ci",
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "long",
+    max_examples=int(os.environ.get("HYPOTHESIS_LONG_EXAMPLES", "5000")),
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+# hypothesis' pytest plugin loads the profile named by --hypothesis-profile
+# after this file is imported; without the option, "ci" stays.
+settings.load_profile("ci")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: takes long (minutes) but runs by default; deselect with -m 'not slow'"
+    )
+
+
+#: Examples run by each property test (test_properties.py counts them).
+EXAMPLE_COUNTS: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if EXAMPLE_COUNTS:
+        total = sum(EXAMPLE_COUNTS.values())
+        parts = ", ".join(f"{name} {count}" for name, count in EXAMPLE_COUNTS.items())
+        terminalreporter.write_line(
+            f"hypothesis examples run ({settings.default.max_examples} max a test, profile "
+            f"{config.getoption('hypothesis_profile', None) or 'ci'}): {total} ({parts})"
+        )
+
+
+# --------------------------------------------------------------------------
+# Devices, dtypes, bit widths.
+
+#: The floating dtypes of SPEC.md.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: Every valid bit width.
+BITS = tuple(range(1, 17)) + (32,)
+
+CUDA_AVAILABLE = torch.cuda.is_available()
+CUDA_BUILT = torch_ext.built_with_cuda()
+HAS_CUDA = CUDA_AVAILABLE and CUDA_BUILT
+#: Why the CUDA tests are skipped here ("" where they run).
+CUDA_SKIP_REASON = (
+    ""
+    if HAS_CUDA
+    else (
+        "no CUDA GPU visible (torch.cuda.is_available() is False)"
+        if not CUDA_AVAILABLE
+        else "torch_ext was built without its CUDA kernels (torch_ext.built_with_cuda() is False)"
+    )
+)
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
+
+DEVICES = ("cpu",) + (("cuda",) if HAS_CUDA else ())
+
+
+@pytest.fixture(scope="session")
+def devices() -> tuple[str, ...]:
+    """The devices to test on: "cpu", and "cuda" where it is usable."""
+    return DEVICES
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Parametrizes a test over ``DEVICES``."""
+    return request.param
+
+
+# --------------------------------------------------------------------------
+# Bit-exact comparison.
+
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` on the CPU, contiguous, viewed as signed integers of the same width."""
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    return t.view(_INT_OF_WIDTH[t.element_size()])
+
+
+def assert_bit_exact(
+    actual: torch.Tensor, expected: torch.Tensor, msg: str = "", *, nan_payload: bool = True
+) -> None:
+    """Same dtype, same shape and the same bits in every element.
+
+    With ``nan_payload=False`` a NaN matches any NaN (SPEC.md says "NaN stays
+    NaN" but fixes no payload; the pure-PyTorch reference's vectorized
+    dtype conversions write a different NaN than a scalar conversion does).
+    The device may differ (both are compared on the CPU). On a mismatch the
+    message names how many elements differ and shows the first few, with the
+    index, both values and both bit patterns.
+    """
+    prefix = f"{msg}: " if msg else ""
+    assert actual.dtype == expected.dtype, f"{prefix}dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{prefix}shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = as_bits(actual), as_bits(expected)
+    differ = a != e
+    if not nan_payload and actual.is_floating_point():
+        differ &= ~(actual.detach().cpu().isnan() & expected.detach().cpu().isnan())
+    if bool(differ.any()):
+        where = differ.nonzero()
+        av = actual.detach().cpu()
+        ev = expected.detach().cpu()
+        lines = []
+        for idx in where[:8].tolist():
+            i = tuple(idx)
+            lines.append(
+                f"  at {i}: {av[i].item()!r} (bits {a[i].item():#x}) != expected {ev[i].item()!r} (bits {e[i].item():#x})"
+            )
+        raise AssertionError(
+            f"{prefix}{where.shape[0]} of {a.numel()} elements differ ({actual.dtype}):\n" + "\n".join(lines)
+        )
+
+
+def assert_same_layout(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
+    """Same shape and the same strides, ignoring dims of size 1 and empty
+    tensors (whose strides mean nothing)."""
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if actual.numel() == 0:
+        return
+    a = [s for s, n in zip(actual.stride(), actual.shape) if n > 1]
+    e = [s for s, n in zip(expected.stride(), expected.shape) if n > 1]
+    assert a == e, f"{msg}: strides {actual.stride()} != {expected.stride()} for shape {tuple(actual.shape)}"
+
+
+@pytest.fixture(scope="session")
+def bit_exact():
+    """``assert_bit_exact`` as a fixture."""
+    return assert_bit_exact
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """"float32" for torch.float32: test ids."""
+    return str(dtype).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------
+# The packed gradient mask: bit j of byte b is element 8*b + j of x in
+# row-major order, set where 0 < x < m (compared in T).
+
+
+def unpack_mask(mask: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first ``numel`` bits as bool, the padding bits after them), on the CPU."""
+    assert mask.dtype == torch.uint8 and mask.dim() == 1, (mask.dtype, mask.shape)
+    bits = (mask.cpu().to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1
+    bits = bits.reshape(-1).bool()
+    return bits[:numel], bits[numel:]
+
+
+def expected_mask(x: torch.Tensor, max_value: float) -> torch.Tensor:
+    """0 < x < T(max_value) compared in T, flattened in row-major order, on the CPU."""
+    t = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xt = x.detach().cpu().to(t)
+    return ((xt > 0) & (xt < torch.tensor(max_value, dtype=t))).reshape(-1)
+
+
+# --------------------------------------------------------------------------
+# Adversarial values.
+
+
+def next_up(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, float("inf")))
+
+
+def next_down(t: torch.Tensor) -> torch.Tensor:
+    return torch.nextafter(t, torch.full_like(t, float("-inf")))
+
+
+def tie_values(dtype: torch.dtype, bit: int, max_value: float, max_k: int | None = None) -> torch.Tensor:
+    """Every rounding tie ``k*m/(2n)`` (k = 0..2n, at most ``max_k`` of them
+    spread over the range) in ``dtype``, each with its neighbours one ulp
+    below and above, plus 0, -0.0, m and its neighbours, ±inf, NaN and huge
+    values. 1-D, in ``dtype``.
+
+    The ties are computed in float64 and rounded once to ``dtype``; the
+    neighbours are taken in ``dtype`` itself.
+    """
+    n = 2.0**bit - 1.0 if bit != 32 else 1.0
+    count = int(2 * n) + 1
+    if max_k is None or count <= max_k:
+        k = torch.arange(count, dtype=torch.float64)
+    else:
+        # The low end, the high end and an even spread in between.
+        edge = max_k // 4
+        k = torch.cat(
+            [
+                torch.arange(edge, dtype=torch.float64),
+                torch.linspace(edge, count - 1 - edge, max_k - 2 * edge, dtype=torch.float64).round(),
+                torch.arange(count - edge, count, dtype=torch.float64),
+            ]
+        ).unique()
+    ties = (k * max_value / (2.0 * n)).to(dtype)
+    m = torch.tensor([max_value], dtype=torch.float64).to(dtype)
+    finfo = torch.finfo(dtype)
+    specials = torch.tensor(
+        [0.0, -0.0, float("inf"), float("-inf"), float("nan"), finfo.max, -finfo.max, finfo.tiny, -finfo.tiny,
+         finfo.smallest_normal / 4, -1.0, 1.0, 0.5, 2.0],
+        dtype=torch.float64,
+    ).to(dtype)
+    base = torch.cat([ties, m, 2 * m, m / 2])
+    return torch.cat([base, next_down(base), next_up(base), specials])

@@ -1,0 +1,1134 @@
+"""The linear mid-tread half quantizer against SPEC.md (../shared/SPEC.md).
+
+Every rule of SPEC.md has a test here that fails when the rule breaks:
+the forward formula (order of operations, compute type, ties up, clip only
+for bit=32), the straight-through gradient (strict mask, exactly 0 outside
+even for inf/NaN grads, dtype of grad_y), bit-identity across layouts and
+thread counts, the refused arguments, and the public names. Values are
+compared bit for bit with the pure-PyTorch reference (torch_ext.reference),
+which is itself checked against a step-by-step NumPy evaluation.
+
+CUDA lives in test_cuda.py, random (hypothesis) inputs in test_properties.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torch_ext
+from torch_ext.reference import (
+    compute_dtype,
+    linear_mid_tread_half_quantize_backward_reference as reference_backward,
+    linear_mid_tread_half_quantize_reference as reference,
+)
+
+from conftest import (
+    BITS,
+    DTYPES,
+    as_bits,
+    assert_bit_exact,
+    assert_same_layout,
+    dtype_id,
+    expected_mask,
+    requires_cuda,
+    tie_values,
+    unpack_mask,
+)
+
+ops = torch.ops.torch_ext
+quantize = torch_ext.linear_mid_tread_half_quantize
+quantize_ = torch_ext.linear_mid_tread_half_quantize_
+
+#: max_values of the reference grid: the default, awkward fractions, tiny and huge.
+MAX_VALUES = (2.0, 1.0 / 3.0, 6.0, 0.7, 1e-6, 1e6)
+
+
+def random_values(shape, dtype, max_value=2.0, seed=0, device="cpu") -> torch.Tensor:
+    """Values over [-m/2, 3m/2] with ties, specials and their neighbours mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    x = (torch.rand(numel, generator=g, dtype=torch.float64) * 2.0 - 0.5) * max_value
+    x = x.to(dtype)
+    special = tie_values(dtype, 2, max_value)
+    if numel:
+        idx = torch.randint(0, numel, (min(numel, special.numel()),), generator=g)
+        x[idx] = special[torch.randint(0, special.numel(), (idx.numel(),), generator=g)]
+    return x.reshape(shape).to(device)
+
+
+# --------------------------------------------------------------------------
+# The reference is SPEC.md: check it, step by step, with NumPy.
+
+
+def numpy_spec(x: torch.Tensor, bit: int, max_value: float) -> torch.Tensor:
+    """SPEC.md evaluated with NumPy, one correctly rounded operation per step."""
+    np_t = np.float64 if x.dtype == torch.float64 else np.float32
+    xs = x.detach().cpu().to(torch.float64 if np_t is np.float64 else torch.float32).numpy()
+    m = np_t(max_value)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        c = np.where(xs < 0, np_t(0), np.where(xs > m, m, xs)).astype(np_t)
+        if bit == 32:
+            y = c
+        else:
+            n = np_t(2.0**bit - 1.0)
+            v = (c / m).astype(np_t)
+            v = (v * n).astype(np_t)
+            v = (v + np_t(0.5)).astype(np_t)
+            v = np.floor(v).astype(np_t)
+            v = (v / n).astype(np_t)
+            y = (v * m).astype(np_t)
+    return torch.from_numpy(np.ascontiguousarray(y)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bit", (1, 2, 3, 4, 5, 8, 11, 16, 32))
+def test_reference_and_op_match_numpy_step_by_step(dtype, bit):
+    for max_value in (2.0, 1.0 / 3.0, 6.0):
+        x = tie_values(dtype, bit, max_value, max_k=1024)
+        expected = numpy_spec(x, bit, max_value)
+        assert_bit_exact(reference(x, bit, max_value), expected, f"reference bit={bit} m={max_value}", nan_payload=False)
+        assert_bit_exact(quantize(x, bit, max_value), expected, f"op bit={bit} m={max_value}", nan_payload=False)
+
+
+# --------------------------------------------------------------------------
+# Values: every dtype x every bit x several max_values, adversarial inputs.
+
+
+@pytest.mark.parametrize("bit", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_every_entry_point_matches_reference(dtype, bit):
+    """Functional, torch.ops, in-place, kernel ops and module: all bit-exact
+    with the reference on the ties k*m/(2n), their neighbours and specials."""
+    for max_value in MAX_VALUES:
+        x = tie_values(dtype, bit, max_value, max_k=4096)
+        x = torch.cat([x, random_values((777,), dtype, max_value, seed=bit)])
+        expected = reference(x, bit, max_value)
+        what = f"{dtype_id(dtype)} bit={bit} max_value={max_value}"
+        x0 = x.clone()
+
+        assert_bit_exact(quantize(x, bit, max_value), expected, "functional " + what, nan_payload=False)
+        assert_bit_exact(ops.linear_mid_tread_half_quantize(x, bit, max_value), expected, "op " + what, nan_payload=False)
+        assert_bit_exact(torch_ext.QuantActivation(bit, max_value)(x), expected, "module " + what, nan_payload=False)
+        y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+        assert_bit_exact(y, expected, "forward op " + what, nan_payload=False)
+        bits, _ = unpack_mask(mask, x.numel())
+        assert torch.equal(bits, expected_mask(x, max_value)), "mask " + what
+        assert_bit_exact(x, x0, "out-of-place calls left x alone")
+
+        xi = x.clone()
+        assert quantize_(xi, bit, max_value) is xi
+        assert_bit_exact(xi, expected, "in-place " + what, nan_payload=False)
+        xi = x.clone()
+        assert ops.linear_mid_tread_half_quantize_(xi, bit, max_value) is None
+        assert_bit_exact(xi, expected, "in-place op " + what, nan_payload=False)
+        xi = x.clone()
+        mask_ = ops.linear_mid_tread_half_quantize_forward_(xi, bit, max_value)
+        assert_bit_exact(xi, expected, "forward_ op " + what, nan_payload=False)
+        assert torch.equal(mask_, mask), "forward_ mask is that of the original x: " + what
+
+        # NaN stays NaN (SPEC.md fixes no payload; the in-kernel bits are
+        # compared across devices in test_cuda.py).
+        for out in (quantize(x, bit, max_value), xi):
+            assert torch.equal(out.isnan(), x.isnan()), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_awkward_max_values(dtype):
+    """max_values whose T(m) is not the float given, or is a denormal of T."""
+    tiny = 1e-40 if dtype != torch.float64 else 5e-324  # a denormal of T
+    for max_value in (1.0 / 3.0, 0.1, 1e-6, 1e6, 1e-30, 3.0e38, tiny, float(np.nextafter(2.0, 3.0)), 65504.0):
+        for bit in (1, 2, 7, 16, 32):
+            x = tie_values(dtype, bit, max_value, max_k=512)
+            assert_bit_exact(quantize(x, bit, max_value), reference(x, bit, max_value), f"bit={bit} m={max_value}", nan_payload=False)
+
+
+def test_spec_example_ties_round_up():
+    # SPEC.md: bit=1, max_value=2, x=1.0 gives 2.0 where torch.round would give 0.0.
+    for dtype in DTYPES:
+        x = torch.tensor([1.0], dtype=dtype)
+        assert quantize(x, 1, 2.0).item() == 2.0
+        assert torch.round(x / 2.0).item() * 2.0 == 0.0
+    # bit=2, m=2: levels 0, 2/3, 4/3, 2, and each tie k*m/(2n) goes up.
+    x = torch.tensor([-1.0, 0.0, 1 / 3, 0.3333, 0.6, 1.0, 1.4, 5 / 3, 1.9, 2.0, 7.0])
+    y = quantize(x, 2, 2.0)
+    expected = torch.tensor([0.0, 0.0, 2 / 3, 0.0, 2 / 3, 4 / 3, 4 / 3, 2.0, 2.0, 2.0, 2.0])
+    assert torch.equal(y, expected), y
+    # Defaults: bit=2, max_value=2.0.
+    assert torch.equal(quantize(x), y)
+    assert torch.equal(torch_ext.QuantActivation()(x), y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_special_values(dtype):
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -1e30, 1e30], dtype=dtype)
+    for bit in (1, 2, 8, 16):
+        y = quantize(x, bit, 2.0)
+        assert_bit_exact(y[:4], torch.tensor([0.0, 0.0, 2.0, 0.0], dtype=dtype), f"bit={bit}")
+        assert y[4].isnan()
+        assert y[5].item() == 0.0 and y[6].item() == 2.0
+    # bit=32 clips only: -0.0 stays -0.0, as torch.clamp leaves it.
+    y = quantize(x, 32, 2.0)
+    assert_bit_exact(y[:4], torch.tensor([0.0, -0.0, 2.0, 0.0], dtype=dtype), "bit=32")
+    assert y[4].isnan()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("max_value", (2.0, 1.0 / 3.0, 1e-6, 1e6, 0.1))
+def test_bit_32_clips_only(dtype, max_value):
+    x = torch.cat([tie_values(dtype, 8, max_value, max_k=2048), random_values((1001,), dtype, max_value)])
+    y = quantize(x, 32, max_value)
+    # clip(x, 0, T(m)) rounded to the dtype: torch.clamp in T is the same thing.
+    t = compute_dtype(dtype)
+    clamped = torch.clamp(x.to(t), torch.tensor(0.0, dtype=t), torch.tensor(max_value, dtype=t)).to(dtype)
+    assert_bit_exact(y, clamped, nan_payload=False)
+    # Values in [0, m) pass through unchanged: no quantization at all.
+    inside = (x > 0) & (x.to(t) < torch.tensor(max_value, dtype=t))
+    assert_bit_exact(y[inside], x[inside])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_denormals(dtype):
+    finfo = torch.finfo(dtype)
+    sub = finfo.smallest_normal
+    k = torch.arange(0, 64, dtype=torch.float64)
+    x = torch.cat([(k * sub / 64), -(k * sub / 64), k * sub]).to(dtype)
+    x = torch.cat([x, torch.nextafter(x, torch.ones_like(x))])
+    for max_value in (2.0, sub * 8, sub * 100, 1e-6, 1e-40):
+        for bit in (1, 4, 16, 32):
+            y = quantize(x, bit, max_value)
+            assert_bit_exact(y, reference(x, bit, max_value), f"m={max_value} bit={bit}", nan_payload=False)
+            xr = x.detach().clone().requires_grad_()
+            quantize(xr, bit, max_value).backward(torch.ones_like(xr))
+            assert_bit_exact(xr.grad, reference_backward(torch.ones_like(x), x, max_value), f"grad m={max_value}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_dtype_preserved(dtype):
+    x = random_values((3, 5), dtype)
+    for bit in (1, 8, 32):
+        assert quantize(x, bit, 2.0).dtype == dtype
+        assert ops.linear_mid_tread_half_quantize_forward(x, bit, 2.0)[0].dtype == dtype
+        assert torch_ext.QuantActivation(bit, 2.0)(x).dtype == dtype
+        xi = x.clone()
+        assert quantize_(xi, bit, 2.0).dtype == dtype
+
+
+def test_max_value_int_is_accepted():
+    x = random_values((50,), torch.float32)
+    assert_bit_exact(quantize(x, 3, 2), quantize(x, 3, 2.0))
+    assert torch_ext.QuantActivation(3, 2).max_value == 2.0
+
+
+# --------------------------------------------------------------------------
+# Layouts: the result never depends on the memory layout, and the output is
+# laid out as torch.clamp lays it out (channels_last stays channels_last).
+
+
+def _layouts():
+    # Each layout is a view of the one tensor that `make` returns, so that the
+    # in-place tests can check the elements outside the view too; the
+    # channels_last ones are permuted NHWC (NDHWC) tensors, which is what
+    # .contiguous(memory_format=torch.channels_last) produces.
+    return {
+        "contiguous": (lambda make: make((2, 3, 5, 7))),
+        "odd_1d": (lambda make: make((1031,))),
+        "transposed": (lambda make: make((13, 7)).t()),
+        "permuted": (lambda make: make((2, 3, 5, 7)).permute(3, 1, 0, 2)),
+        "step_slices": (lambda make: make((19, 23))[::2, 1::3]),
+        "offset_slice": (lambda make: make((203,))[3:190]),
+        "channels_last": (lambda make: make((2, 5, 7, 3)).permute(0, 3, 1, 2)),
+        "channels_last_odd": (lambda make: make((3, 9, 11, 5)).permute(0, 3, 1, 2)),
+        "channels_last_3d": (lambda make: make((2, 4, 5, 3, 3)).permute(0, 4, 1, 2, 3)),
+        "channels_last_sliced": (lambda make: make((2, 5, 7, 6)).permute(0, 3, 1, 2)[:, 1:5:2, 1:, ::2]),
+        "expanded": (lambda make: make((1, 5, 1)).expand(4, 5, 3)),
+        "expanded_scalar": (lambda make: make(()).expand(3, 4)),
+        "size_one_dims": (lambda make: make((1, 1, 37, 1))),
+        "zero_dim": (lambda make: make(())),
+        "empty": (lambda make: make((0,))),
+        "empty_3d": (lambda make: make((3, 0, 5))),
+        "empty_channels_last": (lambda make: make((0, 2, 2, 3)).permute(0, 3, 1, 2)),
+    }
+
+
+LAYOUTS = _layouts()
+WRITABLE = [name for name in LAYOUTS if not name.startswith("expanded")]
+
+
+def _maker(dtype, max_value, seed=0, device="cpu"):
+    return lambda shape: random_values(shape, dtype, max_value, seed=seed, device=device)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_layouts_out_of_place(dtype, layout):
+    bit, max_value = 3, 2.0
+    x = LAYOUTS[layout](_maker(dtype, max_value))
+    if layout in ("channels_last", "channels_last_odd"):
+        assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    if layout == "channels_last_3d":
+        assert x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    expected = reference(x, bit, max_value)
+    oracle = torch.clamp(x, 0, max_value)  # how PyTorch lays out an elementwise result
+    for name, y in (
+        ("functional", quantize(x, bit, max_value)),
+        ("forward op", ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)[0]),
+        ("module", torch_ext.QuantActivation(bit, max_value)(x)),
+    ):
+        assert_bit_exact(y, expected, f"{name} {layout}", nan_payload=False)
+        assert_same_layout(y, oracle, f"{name} {layout}")
+        if layout.startswith("channels_last") and layout != "channels_last_sliced":
+            fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+            assert y.is_contiguous(memory_format=fmt), f"{name} {layout}: channels_last stays channels_last"
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+    assert mask.shape == ((x.numel() + 7) // 8,)
+    bits, padding = unpack_mask(mask, x.numel())
+    assert torch.equal(bits, expected_mask(x, max_value)), layout
+    assert not padding.any(), "the padding bits of the last mask byte are 0"
+
+
+@pytest.mark.parametrize("layout", WRITABLE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_layouts_in_place(dtype, layout):
+    """In-place ops on views write exactly the view's elements of the base."""
+    bit, max_value = 4, 1.0 / 3.0
+    make = _maker(dtype, max_value, seed=3)
+    # Build the view twice over the same values: one to write, one to read.
+    bases = []
+
+    def remember(shape):
+        base = make(shape)
+        bases.append(base)
+        return base
+
+    view0 = LAYOUTS[layout](remember)
+    base0 = bases[-1]
+    expected_base = base0.clone()
+    expected_view = LAYOUTS[layout](lambda shape: expected_base)
+    expected_view.copy_(reference(view0, bit, max_value))
+
+    for name in ("functional", "op", "forward_", "module"):
+        base = base0.clone()
+        view = LAYOUTS[layout](lambda shape: base)
+        if name == "functional":
+            assert quantize_(view, bit, max_value) is view
+        elif name == "op":
+            ops.linear_mid_tread_half_quantize_(view, bit, max_value)
+        elif name == "module":
+            assert torch_ext.QuantActivation(bit, max_value, inplace=True)(view) is view
+        else:
+            mask = ops.linear_mid_tread_half_quantize_forward_(view, bit, max_value)
+            bits, _ = unpack_mask(mask, view0.numel())
+            assert torch.equal(bits, expected_mask(view0, max_value)), f"{layout}: mask of the original x"
+        assert view.data_ptr() == LAYOUTS[layout](lambda shape: base).data_ptr()
+        assert_bit_exact(view, reference(view0, bit, max_value), f"{name} {layout}", nan_payload=False)
+        assert_bit_exact(base, expected_base, f"{name} {layout}: the whole base", nan_payload=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_in_place_on_overlapping_memory_raises_like_relu_(dtype):
+    x = torch.tensor([1.3], dtype=dtype).expand(4)
+    for call in (
+        lambda: quantize_(x, 2, 2.0),
+        lambda: ops.linear_mid_tread_half_quantize_(x, 2, 2.0),
+        lambda: ops.linear_mid_tread_half_quantize_forward_(x, 2, 2.0),
+    ):
+        with pytest.raises(RuntimeError, match="single memory location"):
+            call()
+        assert x[0].item() == torch.tensor(1.3, dtype=dtype).item()
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 15, 16, 17, 63, 64, 65, 127, 129, 1000, 4097, 16384 * 3 + 5])
+def test_odd_sizes(size):
+    for dtype in DTYPES:
+        x = random_values((size,), dtype, 2.0, seed=size)
+        assert_bit_exact(quantize(x, 5, 2.0), reference(x, 5, 2.0), f"size={size}", nan_payload=False)
+        y, mask = ops.linear_mid_tread_half_quantize_forward(x, 5, 2.0)
+        bits, padding = unpack_mask(mask, size)
+        assert torch.equal(bits, expected_mask(x, 2.0)) and not padding.any()
+        g = random_values((size,), dtype, 2.0, seed=size + 1)
+        assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g, mask), reference_backward(g, x, 2.0))
+
+
+def test_zero_dim_and_empty_gradients():
+    for x in (torch.tensor(0.5, requires_grad=True), torch.tensor(3.0, requires_grad=True), torch.empty(0, 3, requires_grad=True)):
+        y = quantize(x, 2, 2.0)
+        assert y.shape == x.shape
+        y.backward(torch.ones_like(y))
+        assert_bit_exact(x.grad, reference_backward(torch.ones_like(x), x.detach(), 2.0))
+
+
+# --------------------------------------------------------------------------
+# Threads.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_thread_count_independence(dtype):
+    numel = (1 << 18) + 13
+    x = random_values((numel,), dtype, 2.0, seed=7)
+    g = random_values((numel,), dtype, 2.0, seed=8)
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            y, mask = ops.linear_mid_tread_half_quantize_forward(x, 3, 2.0)
+            xi = x.clone()
+            mask_ = ops.linear_mid_tread_half_quantize_forward_(xi, 3, 2.0)
+            results[threads] = (quantize(x, 3, 2.0), y, mask, xi, mask_, ops.linear_mid_tread_half_quantize_backward(g, mask))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    for threads in (2, 3):
+        for a, b in zip(results[1], results[threads]):
+            assert_bit_exact(b, a, f"{threads} threads vs 1")
+    assert_bit_exact(results[1][0], reference(x, 3, 2.0), nan_payload=False)
+
+
+def test_python_threads_at_once_equal_one_thread():
+    inputs = [random_values((4099 + 97 * i,), DTYPES[i % 4], 2.0, seed=100 + i) for i in range(8)]
+
+    def work(i):
+        x = inputs[i].clone().requires_grad_()
+        out = []
+        for bit in (1, 2, 5, 16, 32):
+            y = quantize(x, bit, 2.0)
+            (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+            out += [y.detach(), grad]
+        return out
+
+    serial = [work(i) for i in range(len(inputs))]
+    barrier = threading.Barrier(4, timeout=120)
+
+    def concurrent(i):
+        barrier.wait() if i < 4 else None
+        return [work(i) for _ in range(3)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        parallel = list(pool.map(concurrent, range(len(inputs))))
+    for i, runs in enumerate(parallel):
+        for run in runs:
+            for a, b in zip(serial[i], run):
+                assert_bit_exact(b, a, f"input {i}")
+
+
+# --------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bit", (1, 2, 8, 16, 32))
+def test_gradient_is_the_exact_mask(dtype, bit):
+    for max_value in (2.0, 1.0 / 3.0, 1e-6, 1e6):
+        x0 = torch.cat([tie_values(dtype, bit, max_value, max_k=1024), random_values((333,), dtype, max_value)])
+        # grad_y with inf, -inf, NaN and -0.0 everywhere, also outside (0, m).
+        g = random_values(x0.shape, dtype, 1.0, seed=bit)
+        g[::5] = float("inf")
+        g[1::5] = float("nan")
+        g[2::7] = float("-inf")
+        g[3::11] = -0.0
+        expected = reference_backward(g, x0, max_value)
+        inside = expected_mask(x0, max_value)
+        # exactly +0.0 outside (0, m), grad_y's bits inside
+        assert (as_bits(expected)[~inside] == 0).all()
+        assert_bit_exact(expected[inside], g[inside])
+
+        for name, fn in (
+            ("functional", lambda x: quantize(x, bit, max_value)),
+            ("op", lambda x: ops.linear_mid_tread_half_quantize(x, bit, max_value)),
+            ("module", torch_ext.QuantActivation(bit, max_value)),
+            ("module inplace, x * 1", lambda x: torch_ext.QuantActivation(bit, max_value, inplace=True)(x * 1)),
+            ("functional inplace", lambda x: quantize_(x.clone(), bit, max_value)),
+        ):
+            x = x0.clone().requires_grad_()
+            y = fn(x)
+            y.backward(g)
+            assert x.grad.dtype == g.dtype
+            # (`x * 1` rewrites NaN payloads of g in its own backward)
+            assert_bit_exact(x.grad, expected, f"{name} bit={bit} m={max_value}", nan_payload="* 1" not in name)
+
+        _, mask = ops.linear_mid_tread_half_quantize_forward(x0, bit, max_value)
+        assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g, mask), expected, "backward op")
+
+
+def test_grad_dtype_is_grad_y_dtype():
+    x = random_values((100,), torch.float16, 2.0)
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x, 2, 2.0)
+    for gdtype in DTYPES:
+        g = random_values((100,), gdtype, 1.0, seed=5)
+        grad_x = ops.linear_mid_tread_half_quantize_backward(g, mask)
+        assert grad_x.dtype == gdtype
+        assert_bit_exact(grad_x, reference_backward(g, x, 2.0))
+
+
+def test_no_gradient_to_bit_or_max_value():
+    x = random_values((10,), torch.float32).requires_grad_()
+    y = quantize(x, 2, 2.0)
+    # The graph has one input edge: x. bit and max_value are not tensors in it.
+    edges = [fn for fn, _ in y.grad_fn.next_functions if fn is not None]
+    assert len(edges) == 1
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.shape == x.shape
+    # A tensor max_value is refused rather than silently detached.
+    with pytest.raises(TypeError, match="max_value"):
+        quantize(x, 2, torch.tensor(2.0, requires_grad=True))
+    # The custom backward path returns no gradient for them either.
+    y = quantize(x, 2, 2.0, backward=lambda g, x, bit, m: g)
+    assert len([fn for fn, _ in y.grad_fn.next_functions if fn is not None]) == 1
+
+
+def test_backward_op_layouts_and_mask_order():
+    """The mask indexes grad_y's elements in row-major order, whatever its strides."""
+    x = random_values((2, 3, 5, 7), torch.float32, 2.0, seed=11)
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x, 2, 2.0)
+    g = random_values((2, 3, 5, 7), torch.float32, 1.0, seed=12)
+    expected = reference_backward(g, x, 2.0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        gl = g.contiguous(memory_format=layout)
+        grad_x = ops.linear_mid_tread_half_quantize_backward(gl, mask)
+        assert_bit_exact(grad_x, expected)
+        assert grad_x.stride() == torch.clamp(gl, 0, 1).stride()
+    # A transposed grad_y: element (i, j) of the logical tensor uses bit i*cols + j.
+    x2 = random_values((9, 13), torch.float64, 2.0, seed=13)
+    _, mask2 = ops.linear_mid_tread_half_quantize_forward(x2, 2, 2.0)
+    g2 = random_values((13, 9), torch.float64, 1.0, seed=14).t()
+    assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g2, mask2), reference_backward(g2, x2, 2.0))
+    # Padding bits of the mask are ignored.
+    x3 = random_values((13,), torch.float32, 2.0, seed=15)
+    _, mask3 = ops.linear_mid_tread_half_quantize_forward(x3, 2, 2.0)
+    mask3[-1] |= 0xE0
+    g3 = torch.ones(13)
+    assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g3, mask3), reference_backward(g3, x3, 2.0))
+
+
+def test_backward_op_with_a_hand_made_mask():
+    g = torch.arange(1, 21, dtype=torch.float32)
+    mask = torch.tensor([0b10100101, 0xFF, 0b0110], dtype=torch.uint8)
+    keep = torch.tensor([1, 0, 1, 0, 0, 1, 0, 1] + [1] * 8 + [0, 1, 1, 0], dtype=torch.bool)
+    assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g, mask), torch.where(keep, g, torch.zeros(())))
+
+
+def test_backward_op_refuses_bad_arguments():
+    g = torch.ones(10)
+    mask = torch.zeros(2, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="grad_y"):
+        ops.linear_mid_tread_half_quantize_backward(g.int(), mask)
+    with pytest.raises(TypeError, match="mask"):
+        ops.linear_mid_tread_half_quantize_backward(g, mask.int())
+    with pytest.raises(ValueError, match="mask"):
+        ops.linear_mid_tread_half_quantize_backward(g, torch.zeros(3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mask"):
+        ops.linear_mid_tread_half_quantize_backward(g, torch.zeros(1, 2, dtype=torch.uint8))
+
+
+def test_kernel_ops_are_not_differentiable_themselves():
+    x = random_values((20,), torch.float32).requires_grad_()
+    y, mask = ops.linear_mid_tread_half_quantize_forward(x, 2, 2.0)
+    with pytest.raises(RuntimeError):
+        y.sum().backward()
+    # In place into a leaf that requires grad: refused, x untouched.
+    x0 = x.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf"):
+        ops.linear_mid_tread_half_quantize_forward_(x, 2, 2.0)
+    assert_bit_exact(x.detach(), x0)
+    g = torch.ones(20, requires_grad=True)
+    grad_x = ops.linear_mid_tread_half_quantize_backward(g, mask)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()
+
+
+def test_in_place_bumps_the_version_counter():
+    # A tensor saved for backward (exp saves its output) and then overwritten
+    # must make backward fail, as with torch.relu_; also under no_grad.
+    for grad_mode in (True, False):
+        base = torch.rand(10, requires_grad=True)
+        a = base.exp()
+        version = a._version
+        with torch.set_grad_enabled(grad_mode):
+            quantize_(a, 2, 2.0)
+        assert a._version > version
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            a.sum().backward()
+
+
+@pytest.mark.parametrize("backward", (None, "custom"))
+def test_in_place_on_a_view_of_a_non_leaf(backward):
+    """Like relu_ on a view: the view's elements get this op's gradient, the
+    others pass through the CopySlices untouched."""
+    fn = (lambda g, x, bit, m: g * 3) if backward else None
+    leaf = random_values((40,), torch.float32, 2.0, seed=41).requires_grad_()
+    base = leaf * 1
+    view = base[5:29:3]
+    original = leaf.detach().clone()
+    assert quantize_(view, 2, 2.0, backward=fn) is view
+    expected_values = original.clone()
+    expected_values[5:29:3] = reference(original[5:29:3], 2, 2.0)
+    assert_bit_exact(base.detach(), expected_values, nan_payload=False)
+    g = random_values((40,), torch.float32, 1.0, seed=42).nan_to_num(nan=1.0)
+    base.backward(g)
+    expected = g.clone()
+    expected[5:29:3] = g[5:29:3] * 3 if backward else reference_backward(g[5:29:3], original[5:29:3], 2.0)
+    assert_bit_exact(leaf.grad, expected)
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last", "transposed"))
+def test_gradient_of_a_sum(layout):
+    """y.sum().backward() hands the backward an expanded (stride 0) grad_y."""
+    x = LAYOUTS[layout](_maker(torch.float32, 2.0, seed=43)).detach().requires_grad_()
+    quantize(x, 2, 2.0).sum().backward()
+    assert_bit_exact(x.grad, reference_backward(torch.ones_like(x), x.detach(), 2.0))
+
+
+def test_in_place_on_an_inference_tensor_outside_inference_mode_raises_like_relu_():
+    with torch.inference_mode():
+        x = random_values((20,), torch.float32, 2.0, seed=44)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        torch.relu_(x)
+    # torch.relu_ itself writes before it raises (torch 2.14): take the
+    # snapshot after it, so that only our calls are judged.
+    x0 = x.clone()
+    for call in (
+        lambda: quantize_(x, 2, 2.0),
+        lambda: ops.linear_mid_tread_half_quantize_(x, 2, 2.0),
+        lambda: ops.linear_mid_tread_half_quantize_forward_(x, 2, 2.0),
+    ):
+        with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+            call()
+        assert_bit_exact(x, x0, "x untouched")
+
+
+def test_inference_mode():
+    with torch.inference_mode():
+        x = random_values((20,), torch.float32, 2.0, seed=45)
+        expected = reference(x, 2, 2.0)
+        assert_bit_exact(quantize(x, 2, 2.0), expected, nan_payload=False)
+        assert_bit_exact(torch_ext.QuantActivation(2, 2.0)(x), expected, nan_payload=False)
+        assert quantize_(x, 2, 2.0) is x
+        assert_bit_exact(x, expected, nan_payload=False)
+    # Out of place on an inference tensor outside inference mode is fine.
+    assert_bit_exact(quantize(x, 2, 2.0), reference(x, 2, 2.0), nan_payload=False)
+
+
+def test_in_place_under_no_grad_on_leaf_is_allowed():
+    x = random_values((30,), torch.float32).requires_grad_()
+    x0 = x.detach().clone()
+    with torch.no_grad():
+        assert quantize_(x, 2, 2.0) is x
+        torch_ext.QuantActivation(2, 2.0, inplace=True)(x)
+    assert_bit_exact(x.detach(), reference(x0, 2, 2.0), nan_payload=False)
+    assert x.requires_grad and x.is_leaf
+
+
+# --------------------------------------------------------------------------
+# opcheck: schemas, autograd registration, fake kernels, AOT dispatch.
+
+
+def _opcheck_samples():
+    # No NaN: opcheck compares eager and traced outputs with NaN != NaN.
+    def values(shape, dtype):
+        return random_values(shape, dtype).nan_to_num(nan=0.25, posinf=float("inf"), neginf=float("-inf"))
+
+    cl = torch.channels_last
+    samples = []
+    for dtype in DTYPES:
+        samples.append((dtype_id(dtype), values((5, 7), dtype)))
+    samples += [
+        ("channels_last", values((2, 3, 4, 5), torch.float32).contiguous(memory_format=cl)),
+        ("transposed", values((6, 5), torch.float64).t()),
+        ("step_slice", values((30,), torch.float16)[1::3]),
+        ("zero_dim", torch.tensor(1.2)),
+        ("empty", torch.empty(0, 4)),
+    ]
+    return samples
+
+
+OPCHECK_SAMPLES = _opcheck_samples()
+
+
+@pytest.mark.parametrize("name,x", OPCHECK_SAMPLES, ids=[s[0] for s in OPCHECK_SAMPLES])
+@pytest.mark.parametrize("bit", (2, 32))
+def test_opcheck_quantize(name, x, bit):
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize.default, (x, bit, 1.5))
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize.default, (x.clone().requires_grad_(), bit, 1.5))
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize_.default, (x.clone(), bit, 1.5))
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward.default, (x, bit, 1.5))
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward_.default, (x.clone(), bit, 1.5))
+
+
+@pytest.mark.parametrize("name,x", OPCHECK_SAMPLES, ids=[s[0] for s in OPCHECK_SAMPLES])
+def test_opcheck_backward(name, x):
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x, 3, 1.5)
+    g = torch.ones_like(x)
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize_backward.default, (g, mask))
+
+
+def test_opcheck_in_place_on_non_leaf_requiring_grad():
+    base = random_values((4, 6), torch.float32).requires_grad_()
+    torch.library.opcheck(ops.linear_mid_tread_half_quantize_.default, (base * 1.0, 3, 1.5))
+
+
+# --------------------------------------------------------------------------
+# torch.compile(fullgraph=True) equals eager, forward and backward.
+
+
+def _eager_and_compiled(fn, compiled, x, g):
+    out = []
+    for f in (fn, compiled):
+        xr = x.detach().clone().requires_grad_()
+        y = f(xr)
+        (grad,) = torch.autograd.grad(y, xr, g)
+        out.append((y.detach(), grad))
+    return out
+
+
+def test_compile_inductor_function_forward_and_backward():
+    torch._dynamo.reset()
+
+    def fn(x):
+        return torch_ext.linear_mid_tread_half_quantize(x * 1.0, 3, 1.5) * 2.0
+
+    compiled = torch.compile(fn, fullgraph=True)
+    x = torch.cat([tie_values(torch.float32, 3, 1.5), random_values((1000,), torch.float32, 1.5)])
+    g = random_values(x.shape, torch.float32, 1.0, seed=2)
+    (ye, ge), (yc, gc) = _eager_and_compiled(fn, compiled, x, g)
+    assert_bit_exact(yc, ye)
+    assert_bit_exact(gc, ge)
+
+
+@pytest.mark.parametrize("inplace", (False, True))
+def test_compile_module(inplace):
+    torch._dynamo.reset()
+    module = torch_ext.QuantActivation(4, 1.0 / 3.0, inplace=inplace)
+
+    def fn(x):
+        return module(x * 1.0) + 0.0  # a non-leaf input, as in a network
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for x in (
+        random_values((4, 3, 5, 6), torch.float32, 1 / 3, seed=1),
+        random_values((2, 3, 5, 7), torch.bfloat16, 1 / 3, seed=2).contiguous(memory_format=torch.channels_last),
+    ):
+        g = random_values(x.shape, x.dtype, 1.0, seed=3)
+        (ye, ge), (yc, gc) = _eager_and_compiled(fn, compiled, x, g)
+        # (the `* 1.0` and `+ 0.0` around the module may rewrite NaN payloads)
+        assert_bit_exact(yc, ye, nan_payload=False)
+        assert_bit_exact(gc, ge, nan_payload=False)
+        assert_bit_exact(ye, reference(x, 4, 1 / 3), nan_payload=False)
+        assert_bit_exact(ge, reference_backward(g, x, 1 / 3), nan_payload=False)
+
+
+def test_compile_dynamic_shapes():
+    torch._dynamo.reset()
+
+    def fn(x):
+        return torch_ext.linear_mid_tread_half_quantize(x, 2, 2.0)
+
+    def fn_(x):
+        return torch_ext.linear_mid_tread_half_quantize_(x * 1.0, 2, 2.0)
+
+    for f in (fn, fn_):
+        compiled = torch.compile(f, fullgraph=True, dynamic=True, backend="aot_eager")
+        for shape in ((7,), (13,), (3, 129), (2, 3, 4, 5)):
+            x = random_values(shape, torch.float32, 2.0, seed=sum(shape))
+            g = random_values(shape, torch.float32, 1.0, seed=1)
+            (ye, ge), (yc, gc) = _eager_and_compiled(f, compiled, x, g)
+            assert_bit_exact(yc, ye, nan_payload=False)
+            assert_bit_exact(gc, ge)
+
+
+def test_compile_no_grad_in_place_function():
+    torch._dynamo.reset()
+
+    def fn(x):
+        torch_ext.linear_mid_tread_half_quantize_(x, 5, 0.7)
+        return x
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = random_values((257,), torch.float16, 0.7)
+    a, b = x.clone(), x.clone()
+    fn(a)
+    out = compiled(b)
+    assert_bit_exact(b, a, nan_payload=False)
+    assert_bit_exact(out, a, nan_payload=False)
+
+
+# --------------------------------------------------------------------------
+# The module.
+
+
+def test_module_repr():
+    text = repr(torch_ext.QuantActivation(3, 1.5))
+    assert text.startswith("QuantActivation(")
+    assert "bit=3" in text and "max_value=1.5" in text
+    assert "bit=2" in repr(torch_ext.QuantActivation()) and "max_value=2.0" in repr(torch_ext.QuantActivation())
+    assert "inplace=True" in repr(torch_ext.QuantActivation(inplace=True))
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3), torch_ext.QuantActivation(4, 6.0))
+    assert "QuantActivation(bit=4, max_value=6.0" in repr(seq)
+
+
+def test_module_has_no_parameters_or_buffers():
+    module = torch_ext.QuantActivation(3, 1.5)
+    assert list(module.parameters()) == [] and list(module.buffers()) == []
+    assert module.state_dict() == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_module_inplace_writes_input_and_gives_spec_gradient(dtype):
+    bit, max_value = 3, 1.5
+    base = random_values((4, 5, 6), dtype, max_value, seed=21).requires_grad_()
+    g = random_values(base.shape, dtype, 1.0, seed=22)
+    h = base * 1  # a non-leaf input, as the output of a previous layer
+    data_ptr = h.data_ptr()
+    module = torch_ext.QuantActivation(bit, max_value, inplace=True)
+    y = module(h)
+    assert y is h and h.data_ptr() == data_ptr
+    assert_bit_exact(h.detach(), reference(base.detach(), bit, max_value), nan_payload=False)
+    y.backward(g)
+    # The gradient of the original input (its mask), not of the overwritten values.
+    assert_bit_exact(base.grad, reference_backward(g, base.detach(), max_value))
+
+
+def test_module_inplace_gradient_is_of_the_original_input():
+    # bit=1, m=2: x=1.9 quantizes to y=2.0 and x=0.1 to y=0.0. The mask of x
+    # passes both, the mask of y neither: the mask is taken before the overwrite.
+    max_value = 2.0
+    base = torch.tensor([1.9, 2.5, 0.1, -1.0], requires_grad=True)
+    h = base * 1
+    torch_ext.QuantActivation(1, max_value, inplace=True)(h).sum().backward()
+    assert base.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def _leaves_requiring_grad():
+    """(name, x): a leaf that requires grad, and views of such leaves."""
+    yield "leaf", torch.rand(50).mul(3).requires_grad_()
+    leaf = torch.rand(10, 5).mul(3).requires_grad_()
+    yield "view of a leaf", leaf[2:7]
+    # A leaf that is itself a view of a tensor that does not require grad
+    # (torch.rand(50).view(10, 5).requires_grad_(), or .reshape(...)): its
+    # views have that tensor, not the leaf, as their _base.
+    leaf = torch.rand(50).mul(3).view(10, 5).requires_grad_()
+    yield "leaf that is a view", leaf
+    yield "view of a leaf that is a view", leaf[2:7]
+
+
+@pytest.mark.parametrize(
+    "how,backward",
+    [("functional", None), ("functional", "custom"), ("module", None), ("module", "custom"), ("op", None), ("forward_ op", None)],
+)
+@pytest.mark.parametrize("kind", [name for name, _ in _leaves_requiring_grad()])
+def test_in_place_on_leaf_requiring_grad_raises_without_touching_x(kind, how, backward):
+    fn = (lambda g, x, bit, m: g) if backward else None
+    x = dict(_leaves_requiring_grad())[kind]
+    x0 = x.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        if how == "functional":
+            quantize_(x, 2, 2.0, backward=fn)
+        elif how == "module":
+            torch_ext.QuantActivation(2, 2.0, inplace=True, backward=fn)(x)
+        elif how == "op":
+            ops.linear_mid_tread_half_quantize_(x, 2, 2.0)
+        else:
+            ops.linear_mid_tread_half_quantize_forward_(x, 2, 2.0)
+    assert_bit_exact(x.detach(), x0, f"{kind}: x must be untouched when the call is refused")
+
+
+class RecordingBackward:
+    """A picklable custom backward that records its arguments and returns 3 * grad_y."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, grad_y, x, bit, max_value):
+        self.calls.append((grad_y.detach().clone(), x.detach().clone(), bit, max_value))
+        return grad_y * 3
+
+
+def triple_backward(grad_y, x, bit, max_value):
+    return grad_y * 3
+
+
+@pytest.mark.parametrize("inplace", (False, True))
+@pytest.mark.parametrize("how", ("functional", "module"))
+def test_custom_backward_called_with_spec_arguments(inplace, how):
+    bit, max_value = 5, 0.7
+    base = random_values((3, 11), torch.float32, max_value, seed=31).requires_grad_()
+    g = random_values(base.shape, torch.float32, 1.0, seed=32)
+    rec = RecordingBackward()
+    h = base * 1
+    if how == "module":
+        y = torch_ext.QuantActivation(bit, max_value, inplace=inplace, backward=rec)(h)
+    elif inplace:
+        y = quantize_(h, bit, max_value, backward=rec)
+    else:
+        y = quantize(h, bit, max_value, backward=rec)
+    assert (y is h) == inplace
+    assert_bit_exact(y.detach(), reference(base.detach(), bit, max_value), nan_payload=False)
+    y.backward(g)
+    assert len(rec.calls) == 1
+    grad_y, x, got_bit, got_max = rec.calls[0]
+    assert_bit_exact(grad_y, g)
+    assert_bit_exact(x, base.detach())  # the original input, also when in place
+    assert got_bit == bit and isinstance(got_bit, int)
+    assert got_max == max_value and isinstance(got_max, float)
+    assert_bit_exact(base.grad, g * 3)  # its result is the gradient
+
+
+def test_custom_backward_on_a_leaf_out_of_place():
+    x = random_values((17,), torch.float64).requires_grad_()
+    quantize(x, 3, 2.0, backward=triple_backward).backward(torch.ones_like(x))
+    assert_bit_exact(x.grad, torch.full_like(x, 3.0))
+
+
+@pytest.mark.parametrize("inplace", (False, True))
+@pytest.mark.parametrize("backward", (None, triple_backward))
+def test_module_pickles(inplace, backward):
+    module = torch_ext.QuantActivation(5, 0.7, inplace=inplace, backward=backward)
+    x = random_values((40,), torch.float32, 0.7)
+    expected = module(x.clone())
+    for restored in (
+        pickle.loads(pickle.dumps(module)),
+        copy.deepcopy(module),
+        _torch_save_load(module),
+    ):
+        assert isinstance(restored, torch_ext.QuantActivation)
+        assert (restored.bit, restored.max_value, restored.inplace) == (5, 0.7, inplace)
+        assert restored.backward is backward
+        assert repr(restored) == repr(module)
+        assert_bit_exact(restored(x.clone()), expected, nan_payload=False)
+
+
+def _torch_save_load(module):
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_model_with_quant_activation_trains_on_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), torch_ext.QuantActivation(2, 2.0), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(64, 8)
+    target = x[:, :1].clamp(min=0)
+    first = None
+    for _ in range(30):
+        loss = nn.functional.mse_loss(model(x), target)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first
+
+
+# --------------------------------------------------------------------------
+# Refused input: the table of SPEC.md, through every entry point.
+
+BAD_BITS = (0, 17, 31, 33, -1)
+BAD_MAX_VALUES = (0.0, -1.0, float("nan"), float("inf"), float("-inf"))
+BAD_DTYPES = {
+    torch.int32: ("int32", "Int"),
+    torch.int64: ("int64", "Long"),
+    torch.bool: ("bool", "Bool"),
+    torch.uint8: ("uint8", "Byte"),
+    torch.complex64: ("complex64", "ComplexFloat"),
+}
+
+
+def _max_value_pattern(value: float) -> str:
+    if math.isnan(value):
+        return r"max_value=nan"
+    if math.isinf(value):
+        return r"max_value=-inf" if value < 0 else r"max_value=inf"
+    return rf"max_value={int(value)}(\.0)?\b"
+
+
+def _entry_points(x, bit, max_value):
+    """Every way to call the quantizer with these arguments."""
+    yield "functional", lambda: quantize(x, bit, max_value)
+    yield "functional custom backward", lambda: quantize(x, bit, max_value, backward=triple_backward)
+    yield "functional in place", lambda: quantize_(x, bit, max_value)
+    yield "functional in place custom backward", lambda: quantize_(x, bit, max_value, backward=triple_backward)
+    yield "torch.ops", lambda: ops.linear_mid_tread_half_quantize(x, bit, max_value)
+    yield "torch.ops in place", lambda: ops.linear_mid_tread_half_quantize_(x, bit, max_value)
+    yield "torch.ops forward", lambda: ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+    yield "torch.ops forward_", lambda: ops.linear_mid_tread_half_quantize_forward_(x, bit, max_value)
+    yield "module", lambda: torch_ext.QuantActivation(bit, max_value)(x)
+    yield "module in place", lambda: torch_ext.QuantActivation(bit, max_value, inplace=True)(x)
+
+
+def _check_refused(x, bit, max_value, exc, pattern):
+    x0 = x.detach().clone()
+    for requires_grad in (False, True):
+        if requires_grad and not x.is_floating_point():
+            continue
+        for name, call in _entry_points(x, bit, max_value):
+            # requires_grad: a non-leaf, so that in-place calls are otherwise allowed.
+            xx = (x.detach().clone().requires_grad_() * 1) if requires_grad else x
+            call = dict(_entry_points(xx, bit, max_value))[name]
+            with pytest.raises(exc, match=pattern):
+                call()
+            assert_bit_exact(xx.detach(), x0, f"{name}: x untouched after a refused call")
+
+
+@pytest.mark.parametrize("bit", BAD_BITS)
+def test_refuses_bad_bit(bit):
+    x = random_values((9,), torch.float32)
+    _check_refused(x, bit, 2.0, ValueError, rf"\bbit={bit}\b")
+    with pytest.raises(ValueError, match=rf"bit={bit}\b"):
+        torch_ext.QuantActivation(bit, 2.0)
+
+
+@pytest.mark.parametrize("max_value", BAD_MAX_VALUES)
+def test_refuses_bad_max_value(max_value):
+    x = random_values((9,), torch.float32)
+    _check_refused(x, 2, max_value, ValueError, _max_value_pattern(max_value))
+    with pytest.raises(ValueError, match=_max_value_pattern(max_value)):
+        torch_ext.QuantActivation(2, max_value)
+
+
+@pytest.mark.parametrize("dtype", list(BAD_DTYPES), ids=dtype_id)
+def test_refuses_non_floating_x(dtype):
+    x = torch.tensor([0, 1, 2, 3, 1, 0, 1], dtype=torch.int64).to(dtype)
+    names = BAD_DTYPES[dtype]
+    _check_refused(x, 2, 2.0, TypeError, r"\bx\b.*(" + "|".join(re.escape(n) for n in names) + r")\b")
+
+
+def test_refused_messages_are_clear():
+    x = torch.ones(3)
+    with pytest.raises(ValueError) as info:
+        quantize(x, 17, 2.0)
+    assert "bit" in str(info.value) and "17" in str(info.value) and "32" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        ops.linear_mid_tread_half_quantize(x, 0, 2.0)
+    assert "bit=0" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        ops.linear_mid_tread_half_quantize(x, 2, -1.0)
+    assert "max_value=-1" in str(info.value)
+    with pytest.raises(TypeError) as info:
+        ops.linear_mid_tread_half_quantize(torch.ones(3, dtype=torch.int32), 2, 2.0)
+    assert "x" in str(info.value) and ("Int" in str(info.value) or "int32" in str(info.value))
+
+
+def test_module_constructor_refuses_bad_arguments():
+    for bit in BAD_BITS:
+        with pytest.raises(ValueError, match="bit"):
+            torch_ext.QuantActivation(bit=bit)
+    for max_value in BAD_MAX_VALUES:
+        with pytest.raises(ValueError, match="max_value"):
+            torch_ext.QuantActivation(max_value=max_value)
+    for backward in (1, "grad", [triple_backward]):
+        with pytest.raises(TypeError, match="backward"):
+            torch_ext.QuantActivation(backward=backward)
+    for bit in (2.0, "2", None):
+        with pytest.raises(TypeError, match="bit"):
+            torch_ext.QuantActivation(bit=bit)
+
+
+def test_refuses_non_tensor_x():
+    with pytest.raises(TypeError, match="x"):
+        quantize([1.0, 2.0], 2, 2.0)
+    with pytest.raises(TypeError, match="x"):
+        quantize_(np.ones(3, dtype=np.float32), 2, 2.0)
+
+
+# --------------------------------------------------------------------------
+# Devices: a gradient on another device than its tensor.
+
+
+@requires_cuda
+def test_cpu_tensor_with_cuda_gradient_is_refused():
+    x = random_values((10,), torch.float32).requires_grad_()
+    y = quantize(x, 2, 2.0)
+    with pytest.raises(RuntimeError, match="device"):
+        y.backward(torch.ones(10, device="cuda"))
+    assert x.grad is None
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x.detach(), 2, 2.0)
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        ops.linear_mid_tread_half_quantize_backward(torch.ones(10, device="cuda"), mask)
+
+
+def test_public_names():
+    assert callable(torch_ext.linear_mid_tread_half_quantize)
+    assert issubclass(torch_ext.QuantActivation, nn.Module)
+    assert isinstance(torch_ext.built_with_cuda(), bool)
+    for name in (
+        "linear_mid_tread_half_quantize",
+        "linear_mid_tread_half_quantize_",
+        "linear_mid_tread_half_quantize_forward",
+        "linear_mid_tread_half_quantize_forward_",
+        "linear_mid_tread_half_quantize_backward",
+    ):
+        assert hasattr(ops, name)
+    assert str(ops.linear_mid_tread_half_quantize.default._schema) == (
+        "torch_ext::linear_mid_tread_half_quantize(Tensor x, int bit, float max_value) -> Tensor"
+    )
+    assert torch_ext.linear_mid_tread_half_quantize.__doc__ and torch_ext.QuantActivation.__doc__
+
+
+# --------------------------------------------------------------------------
+# More than 2^31 elements on the CPU (bfloat16 keeps it at 4 GiB an array).
+
+
+def _mem_available_gib() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+HUGE_NUMEL = 2**31 + 4099  # not a multiple of 8, 64 or any vector width
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_more_than_2_31_elements_bfloat16_cpu():
+    need = 9.5  # x, y (4 GiB each), the mask (0.25 GiB), slack
+    if _mem_available_gib() < need:
+        pytest.skip(f"needs {need} GiB of free memory, {_mem_available_gib():.1f} GiB available")
+    bit, max_value = 3, 1.5
+    period = 65537  # prime: every element position meets every pattern value
+    pattern = random_values((period,), torch.bfloat16, max_value, seed=2024)
+    x = pattern.repeat(HUGE_NUMEL // period + 1)[:HUGE_NUMEL]
+    assert x.is_contiguous() and x.numel() > 2**31
+    y_pattern = reference(pattern, bit, max_value)
+
+    def check_periodic(t, expected_period, what):
+        assert_bit_exact(t[:period], expected_period, f"{what}: first period", nan_payload=False)
+        # t is periodic iff t[i] == t[i + period]: together this checks every element.
+        assert torch.equal(as_bits(t[:-period]), as_bits(t[period:])), f"{what}: not periodic"
+        tail = t[-(HUGE_NUMEL % period) - period :]
+        assert_bit_exact(tail[:period], expected_period, f"{what}: last whole period", nan_payload=False)
+
+    y = quantize(x, bit, max_value)
+    check_periodic(y, y_pattern, "out of place")
+    del y
+
+    mask = ops.linear_mid_tread_half_quantize_forward_(x, bit, max_value)  # x becomes y
+    assert mask.numel() == (HUGE_NUMEL + 7) // 8
+    check_periodic(x, y_pattern, "in place")
+    pattern_mask = expected_mask(pattern, max_value)
+    for start in (0, 2**31 - 8 * 4096, 2**31 - 5, HUGE_NUMEL - 9000):
+        start = start - start % 8
+        stop = min(start + 8 * 4096, HUGE_NUMEL)
+        bits, padding = unpack_mask(mask[start // 8 : (stop + 7) // 8], stop - start)
+        idx = torch.arange(start, stop) % period
+        assert torch.equal(bits, pattern_mask[idx]), f"mask at {start}"
+        if stop == HUGE_NUMEL:
+            assert not padding.any()
+
+    grad_x = ops.linear_mid_tread_half_quantize_backward(x, mask)
+    check_periodic(grad_x, reference_backward(y_pattern, pattern, max_value), "backward")
