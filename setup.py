@@ -81,6 +81,6 @@ setup(
     install_requires=[f"torch=={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}.*"],
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:main", "torch-ext-bench=torch_ext.bench:main"]},
+    entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:cli", "torch-ext-bench=torch_ext.bench:main"]},
     zip_safe=False,
 )

@@ -35,6 +35,8 @@ step build 300 $PY setup.py build_ext --inplace || { echo "build failed"; exit 1
 step import 60 $PY -c "import torch_ext; assert torch_ext.built_with_cuda(); print('CUDA kernels registered')"
 step pytest_cuda 240 $PY -m pytest -q -ra tests/test_cuda.py tests/test_linear_mid_tread_half_quantize.py \
   tests/test_properties.py --junitxml="$OUT/pytest_cuda.xml" -p no:cacheprovider
+step pytest_cuda_models 180 $PY -m pytest -q -ra tests/test_train.py tests/test_weight_quantization.py \
+  tests/test_export.py tests/test_codes.py -k cuda --junitxml="$OUT/pytest_cuda_models.xml" -p no:cacheprovider
 if [ -e /usr/include/catch2/catch.hpp ] || [ -e /usr/include/catch2/catch_test_macros.hpp ]; then
   step catch2_build 240 bash -c "cmake -S . -B build-gpu -DCMAKE_PREFIX_PATH=\$($PY -c 'import torch.utils; print(torch.utils.cmake_prefix_path)') -DTORCH_EXT_CUDA=ON && cmake --build build-gpu -j $MAX_JOBS"
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
@@ -46,6 +48,7 @@ else
   echo "Catch2 not installed: Catch2 CUDA tests not built" | tee -a "$OUT/summary.txt"
 fi
 step bench 240 $PY -m torch_ext.bench --devices cuda --json "$OUT/bench_gpu.json"
-step train_amp 180 $PY -m torch_ext.train --device cuda --amp --epochs 3 --out "$OUT/train_cuda_amp"
+step train_amp 180 $PY -m torch_ext.train --model lmnet_v1_quantize --epochs 3 --device cuda --amp bf16 \
+  --no-progress --out "$OUT/train_cuda_amp"
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)" | tee -a "$OUT/summary.txt"
 exit $status

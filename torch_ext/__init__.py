@@ -11,16 +11,29 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # registers the torch.ops.torch_ext operators
 from . import _meta  # noqa: F401  (their fake kernels)
+from .codes import code_dtype, codes_to_values, quantize_to_codes
+from .export import export_onnx, run_onnx
 from .modules import QuantActivation
 from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_
+from .quant_conv import QuantConv2d
+from .weight_quantization import binary_channel_wise_mean_scaling_quantize, binary_mean_scaling_quantize
+from . import models  # noqa: E402  (torch_ext.models.LmnetV1Quantize, ...)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantActivation",
+    "QuantConv2d",
+    "binary_channel_wise_mean_scaling_quantize",
+    "binary_mean_scaling_quantize",
     "built_with_cuda",
+    "code_dtype",
+    "codes_to_values",
+    "export_onnx",
     "linear_mid_tread_half_quantize",
     "linear_mid_tread_half_quantize_",
+    "quantize_to_codes",
+    "run_onnx",
 ]
 
 

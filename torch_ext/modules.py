@@ -24,6 +24,12 @@ class QuantActivation(nn.Module):
             replacing the straight-through gradient.
 
     Bad arguments are refused here, at construction (``ValueError``/``TypeError``).
+
+    ``torch.jit.script`` works on models using it (the scripted forward calls
+    the registered operators, so a saved model loads in LibTorch where
+    torch_ext's library is linked), except with a custom ``backward``, which
+    is a Python callable: scripting such a module raises a ``RuntimeError``
+    saying so.
     """
 
     def __init__(
@@ -38,9 +44,29 @@ class QuantActivation(nn.Module):
         self.backward = backward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            # Eager, torch.compile, torch.export: the checked functional API,
+            # which also runs a custom backward (a Python autograd.Function).
+            if self.inplace:
+                return linear_mid_tread_half_quantize_(x, self.bit, self.max_value, backward=self.backward)
+            return linear_mid_tread_half_quantize(x, self.bit, self.max_value, backward=self.backward)
+        # TorchScript (compiles only this part): the registered operators
+        # themselves, so a saved model runs wherever torch_ext's library is
+        # loaded (Python or LibTorch). __prepare_scriptable__ refused backward=.
         if self.inplace:
-            return linear_mid_tread_half_quantize_(x, self.bit, self.max_value, backward=self.backward)
-        return linear_mid_tread_half_quantize(x, self.bit, self.max_value, backward=self.backward)
+            torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, self.bit, self.max_value)
+            return x
+        return torch.ops.torch_ext.linear_mid_tread_half_quantize(x, self.bit, self.max_value)
+
+    def __prepare_scriptable__(self) -> "QuantActivation":
+        # torch.jit.script calls this on every submodule before compiling.
+        if self.backward is not None:
+            raise RuntimeError(
+                f"QuantActivation(backward={getattr(self.backward, '__qualname__', repr(self.backward))}) cannot be "
+                "scripted: a custom backward is a Python callable that TorchScript cannot run; script a model "
+                "built with backward=None (the straight-through gradient), or use torch.compile / torch.export"
+            )
+        return self
 
     def extra_repr(self) -> str:
         text = f"bit={self.bit}, max_value={self.max_value}"
