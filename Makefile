@@ -44,7 +44,7 @@ deps: $(DEPS_STAMP)
 
 # The Python extension torch_ext._C, installed editable into .venv.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
-	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "^\[|error|Error|warning: |Successfully" ; test $${PIPESTATUS[0]} -eq 0
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 | grep -E "\[[0-9]+/[0-9]+\]|error|Error|warning: |Successfully" ; test $${PIPESTATUS[0]} -eq 0
 	$(PY) -c "import torch_ext; print('torch_ext built, CUDA kernels:', torch_ext.built_with_cuda())"
 	touch $@
 
