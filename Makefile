@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make train   train the W1A2 LMNet on digits next to its float twin
-#   make test    build everything and run every test (pytest and ctest)
+#   make test    build everything and run every test (pytest, ctest, ctest under ASan/UBSan)
 # Both create .venv when it is missing and install what they need into it.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -30,7 +30,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build build-cpp test test-python test-cpp train bench sanitize clean
+.PHONY: deps build build-cpp catch2 test test-python test-cpp train bench sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -71,7 +71,8 @@ test-python: $(BUILD_STAMP)
 test-cpp: build-cpp
 	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
 
-test: test-python test-cpp
+# Every test: pytest, ctest, and ctest again on the ASan/UBSan build.
+test: test-python test-cpp sanitize
 
 train: $(BUILD_STAMP)
 	$(PY) -m torch_ext.train --compare
