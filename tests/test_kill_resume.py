@@ -68,3 +68,12 @@ def test_killed_twice_then_resumed_equals_uninterrupted(tmp_path):
     assert a["epoch"] == b["epoch"] == 4
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
+
+
+def test_diverging_run_stops_with_a_clear_message_and_writes_no_checkpoint(tmp_path):
+    from torch_ext import train
+
+    out = tmp_path / "diverged"
+    with pytest.raises(FloatingPointError, match=r"training diverged: loss=nan.*smaller --lr"):
+        train.main([*ARGS[:-2], "--epochs", "1", "--lr", "1e30", "--out", str(out)])
+    assert not (out / "checkpoint.pt").exists()
