@@ -363,3 +363,21 @@ def test_onnx_export_refuses_bad_arguments(tmp_path, onnx):
         export_onnx(lambda x: x, torch.ones(1), tmp_path / "f.onnx")
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a sequence of tensors"):
         export_onnx(nn.Identity(), [1.0], tmp_path / "f.onnx")
+
+
+def test_training_command_exports_onnx(onnx, tmp_path):
+    """python -m torch_ext.train --export-onnx: the trained model runs in onnxruntime like in PyTorch."""
+    from torch_ext import train
+
+    path = tmp_path / "lmnet.onnx"
+    result = train.main(["--model", "lmnet_v1_quantize", "--image-size", "8", "--batch-size", "64", "--epochs", "1",
+                         "--no-progress", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "run"),
+                         "--export-onnx", str(path)])
+    assert path.exists()
+    model = result["module"].eval()
+    x = torch.rand(3, 1, 8, 8)
+    (logits,) = run_onnx(path, x)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(logits.argmax(1), expected.argmax(1))
