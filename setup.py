@@ -42,7 +42,7 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # The C++ standard is left to torch.utils.cpp_extension (C++20 for torch 2.14).
     # -ffp-contract=off: never fuse a*b+c into an FMA (it changes results at
-    # rounding ties); SPEC.md rounds every step. -fno-trapping-math lets GCC
+    # rounding ties); docs/quantizer.md rounds every step. -fno-trapping-math lets GCC
     # vectorize floor and selects (no result changes; nothing reads FP flags).
     # -fopenmp: at::parallel_for is header code, serial without it.
     cxx = opt + ["-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]

@@ -1,5 +1,5 @@
 // The operator schemas (the one TORCH_LIBRARY of the project), the argument
-// checks of SPEC.md, and the C++ entry points that call through the dispatcher.
+// checks of docs/quantizer.md, and the C++ entry points that call through the dispatcher.
 #include "torch_ext/torch_ext.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>

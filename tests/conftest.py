@@ -72,7 +72,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 # --------------------------------------------------------------------------
 # Devices, dtypes, bit widths.
 
-#: The floating dtypes of SPEC.md.
+#: The floating dtypes of docs/quantizer.md.
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: Every valid bit width.
 BITS = tuple(range(1, 17)) + (32,)
@@ -126,7 +126,7 @@ def assert_bit_exact(
 ) -> None:
     """Same dtype, same shape and the same bits in every element.
 
-    With ``nan_payload=False`` a NaN matches any NaN (SPEC.md says "NaN stays
+    With ``nan_payload=False`` a NaN matches any NaN (docs/quantizer.md says "NaN stays
     NaN" but fixes no payload; the pure-PyTorch reference's vectorized
     dtype conversions write a different NaN than a scalar conversion does).
     The device may differ (both are compared on the CPU). On a mismatch the

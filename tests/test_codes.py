@@ -37,7 +37,7 @@ def test_codes_are_the_levels(device):
     codes = quantize_to_codes(x, 3, 2.0)
     # floor((c/m)*n + 0.5): ties round up (1.0 -> 3.5 -> 4), -inf -> 0, +inf -> n, NaN -> 0.
     assert codes.tolist() == [0, 0, 0, 0, 4, 5, n, n, n, 0, 0]
-    # SPEC.md's example: bit=1, max_value=2, x=1.0 gives the upper level.
+    # docs/quantizer.md's example: bit=1, max_value=2, x=1.0 gives the upper level.
     assert quantize_to_codes(torch.tensor([1.0], device=device), 1, 2.0).tolist() == [1]
     assert codes_to_values(codes, 3, 2.0).tolist() == pytest.approx(
         [0.0, 0.0, 0.0, 0.0, 8 / 7, 10 / 7, 2.0, 2.0, 2.0, 0.0, 0.0]

@@ -1,4 +1,4 @@
-"""CUDA: bit-identical to the CPU (SPEC.md: "Results are bit-identical on
+"""CUDA: bit-identical to the CPU (docs/quantizer.md: "Results are bit-identical on
 every device"), at every dtype, bit width, layout and size, beyond 2^31
 elements, on a non-default stream, under torch.compile and torch.autocast.
 
@@ -110,7 +110,7 @@ def test_bit_identical_to_cpu(dtype, bit):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_nan_bits_identical_to_cpu(dtype):
-    """NaN in, NaN out, with the same bits on both devices (SPEC.md's
+    """NaN in, NaN out, with the same bits on both devices (docs/quantizer.md's
     bit-identity read strictly: NaN payloads and signs included)."""
     nan = torch.tensor([float("nan")], dtype=dtype)
     patterns = torch.cat([nan, -nan])
@@ -448,7 +448,7 @@ def test_autocast_training(amp_dtype):
     assert min(losses[-5:]) < losses[0], losses
     for p in model.parameters():
         assert torch.isfinite(p).all()
-    # The quantizer ran in the autocast dtype, on the values SPEC.md gives.
+    # The quantizer ran in the autocast dtype, on the values docs/quantizer.md gives.
     x_in, y_out = seen[-1]
     assert y_out.dtype == x_in.dtype
     assert_bit_exact(y_out, reference(x_in.cpu(), 2, 2.0).cuda(), nan_payload=False)

@@ -1,6 +1,6 @@
-"""The linear mid-tread half quantizer against SPEC.md (../shared/SPEC.md).
+"""The linear mid-tread half quantizer against docs/quantizer.md.
 
-Every rule of SPEC.md has a test here that fails when the rule breaks:
+Every rule of docs/quantizer.md has a test here that fails when the rule breaks:
 the forward formula (order of operations, compute type, ties up, clip only
 for bit=32), the straight-through gradient (strict mask, exactly 0 outside
 even for inf/NaN grads, dtype of grad_y), bit-identity across layouts and
@@ -68,11 +68,11 @@ def random_values(shape, dtype, max_value=2.0, seed=0, device="cpu") -> torch.Te
 
 
 # --------------------------------------------------------------------------
-# The reference is SPEC.md: check it, step by step, with NumPy.
+# The reference is docs/quantizer.md: check it, step by step, with NumPy.
 
 
 def numpy_spec(x: torch.Tensor, bit: int, max_value: float) -> torch.Tensor:
-    """SPEC.md evaluated with NumPy, one correctly rounded operation per step."""
+    """docs/quantizer.md evaluated with NumPy, one correctly rounded operation per step."""
     np_t = np.float64 if x.dtype == torch.float64 else np.float32
     xs = x.detach().cpu().to(torch.float64 if np_t is np.float64 else torch.float32).numpy()
     m = np_t(max_value)
@@ -137,7 +137,7 @@ def test_every_entry_point_matches_reference(dtype, bit):
         assert_bit_exact(xi, expected, "forward_ op " + what, nan_payload=False)
         assert torch.equal(mask_, mask), "forward_ mask is that of the original x: " + what
 
-        # NaN stays NaN (SPEC.md fixes no payload; the in-kernel bits are
+        # NaN stays NaN (docs/quantizer.md fixes no payload; the in-kernel bits are
         # compared across devices in test_cuda.py).
         for out in (quantize(x, bit, max_value), xi):
             assert torch.equal(out.isnan(), x.isnan()), what
@@ -154,7 +154,7 @@ def test_awkward_max_values(dtype):
 
 
 def test_spec_example_ties_round_up():
-    # SPEC.md: bit=1, max_value=2, x=1.0 gives 2.0 where torch.round would give 0.0.
+    # docs/quantizer.md: bit=1, max_value=2, x=1.0 gives 2.0 where torch.round would give 0.0.
     for dtype in DTYPES:
         x = torch.tensor([1.0], dtype=dtype)
         assert quantize(x, 1, 2.0).item() == 2.0
@@ -931,7 +931,7 @@ def test_model_with_quant_activation_trains_on_cpu():
 
 
 # --------------------------------------------------------------------------
-# Refused input: the table of SPEC.md, through every entry point.
+# Refused input: the table of docs/quantizer.md, through every entry point.
 
 BAD_BITS = (0, 17, 31, 33, -1)
 BAD_MAX_VALUES = (0.0, -1.0, float("nan"), float("inf"), float("-inf"))

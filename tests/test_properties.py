@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis): the operator equals the pure-PyTorch
-reference of SPEC.md, bit for bit, on random inputs.
+reference of docs/quantizer.md, bit for bit, on random inputs.
 
 Random shapes (0 to 5 dims, sizes that are no multiple of any vector width),
 random views (step slices, transposes, permutations, expands, storage offsets,
@@ -104,7 +104,7 @@ def inputs(draw, devices=DEVICES):
     bit = draw(st.sampled_from(BITS))
     max_value = draw(max_values)
     if dtype != torch.float64:
-        # T = float: keep T(m) finite and > 0 (SPEC.md's m = T(max_value)).
+        # T = float: keep T(m) finite and > 0 (docs/quantizer.md's m = T(max_value)).
         max_value = min(max(max_value, 1e-30), 1e30)
     device = draw(st.sampled_from(devices))
     shape = draw(shapes())

@@ -1,4 +1,4 @@
-"""Blueoil's binary weight quantizers and QuantConv2d against SPEC.md's formulas."""
+"""Blueoil's binary weight quantizers and QuantConv2d against docs/quantizer.md's formulas."""
 
 import pytest
 import torch
@@ -19,17 +19,17 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 def _weight(shape, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=torch.float64)
-    w.view(-1)[::7] = 0.0  # exact zeros: SPEC maps them to +scale
+    w.view(-1)[::7] = 0.0  # exact zeros: docs/quantizer.md maps them to +scale
     return w.to(dtype=dtype, device=device)
 
 
 def _ref_mean_scaling(w):
-    """SPEC.md, literally: where(w >= 0, 1, -1) * mean(|w|) over the whole tensor."""
+    """docs/quantizer.md, literally: where(w >= 0, 1, -1) * mean(|w|) over the whole tensor."""
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * w.abs().mean()
 
 
 def _ref_channel_wise(w):
-    """SPEC.md, literally: the same with mean(|w|) per output channel (dims 1..)."""
+    """docs/quantizer.md, literally: the same with mean(|w|) per output channel (dims 1..)."""
     scale = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True) if w.dim() > 1 else w.abs()
     return torch.where(w >= 0, 1.0, -1.0).to(w.dtype) * scale
 

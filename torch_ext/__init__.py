@@ -1,6 +1,6 @@
 """torch_ext: Blueoil's quantization-aware training for PyTorch.
 
-The linear mid-tread half quantizer (SPEC.md) as a registered operator with
+The linear mid-tread half quantizer (docs/quantizer.md) as a registered operator with
 CPU and CUDA kernels, ``QuantActivation``, Blueoil's binary weight quantizers,
 ``QuantConv2d`` and the LMNet classifiers (``torch_ext.models``).
 """

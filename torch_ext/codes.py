@@ -1,11 +1,11 @@
 """Integer codes of the linear mid-tread half quantizer, for deployment.
 
-The quantizer (SPEC.md) outputs one of ``n + 1`` levels ``(k / n) * m``,
+The quantizer (docs/quantizer.md) outputs one of ``n + 1`` levels ``(k / n) * m``,
 ``k = 0..n``, ``n = 2**bit - 1``. A deployment runtime or an integer kernel
 wants ``k`` itself (Blueoil's converter consumes these codes):
 
 * :func:`quantize_to_codes` gives ``k = floor((c / m) * n + 0.5)``, computed
-  step by step in SPEC.md's compute type ``T`` (float64 for float64 inputs,
+  step by step in docs/quantizer.md's compute type ``T`` (float64 for float64 inputs,
   float32 otherwise), as the smallest integer dtype that holds ``0..n``
   (:func:`code_dtype`);
 * :func:`codes_to_values` gives back ``(k / n) * m`` in ``T``, rounded to the
@@ -32,7 +32,7 @@ from .reference import compute_dtype
 
 __all__ = ["code_dtype", "codes_to_values", "quantize_to_codes"]
 
-#: The input dtypes of the quantizer (SPEC.md).
+#: The input dtypes of the quantizer (docs/quantizer.md).
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -79,7 +79,7 @@ def _check_max_value(fn: str, max_value) -> float:
 
 def _constants(t: torch.dtype, device: torch.device, bit: int, max_value: float):
     # 0-dim tensors on the data's device, not Python scalars: CUDA's division
-    # by a CPU scalar multiplies by its reciprocal instead (SPEC.md forbids it).
+    # by a CPU scalar multiplies by its reciprocal instead (docs/quantizer.md forbids it).
     m = torch.tensor(max_value, dtype=t, device=device)  # T(max_value): one rounding
     n = torch.tensor(2.0**bit - 1.0, dtype=t, device=device)
     return m, n
@@ -89,7 +89,7 @@ def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> 
     """The quantizer's integer level ``k = floor((c / m) * n + 0.5)`` of every element of ``x``.
 
     ``c = min(max(x, 0), m)``, ``m = max_value``, ``n = 2**bit - 1``, each step
-    rounded in SPEC.md's ``T`` (float64 for float64 ``x``, float32 for float32,
+    rounded in docs/quantizer.md's ``T`` (float64 for float64 ``x``, float32 for float32,
     float16 and bfloat16), as the forward computes it: ties round up, ``-inf``
     gives 0 and ``+inf`` gives ``n``. NaN gives 0 (a code has no NaN).
 
@@ -137,7 +137,7 @@ def codes_to_values(
 ) -> torch.Tensor:
     """The quantizer's output ``(k / n) * m`` for codes ``k`` (the inverse of :func:`quantize_to_codes`).
 
-    Computed in SPEC.md's ``T`` for ``dtype`` (float64 for float64, float32
+    Computed in docs/quantizer.md's ``T`` for ``dtype`` (float64 for float64, float32
     otherwise), then rounded to ``dtype``: exactly the values the forward
     gives for inputs of that dtype.
 

@@ -4,7 +4,7 @@
 (``torch.onnx.export(..., dynamo=True)``). The registered operator
 ``torch.ops.torch_ext.linear_mid_tread_half_quantize`` has no ONNX
 counterpart, so a ``custom_translation_table`` writes it with standard ONNX
-operators, step for step in SPEC.md's order and compute type::
+operators, step for step in docs/quantizer.md's order and compute type::
 
     c = Where(x < 0, 0, x); c = Where(c > m, m, c)     # NaN kept, -inf -> 0, +inf -> m
     y = Mul(Div(Floor(Add(Mul(Div(c, m), n), 0.5)), n), m)   # bit 32: y = c
@@ -14,7 +14,7 @@ the kernels compute in float32). onnxruntime evaluates these one IEEE
 operation at a time, so its quantizer outputs equal PyTorch's bit for bit.
 
 ``Where`` rather than ``Clip``: ONNX leaves ``Clip`` of NaN and the sign of a
-clipped ``-0.0`` unspecified; the two comparisons pin both down as SPEC.md
+clipped ``-0.0`` unspecified; the two comparisons pin both down as docs/quantizer.md
 does.
 
 Weight quantizers (:class:`torch_ext.QuantConv2d`) are folded by default:

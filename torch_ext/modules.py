@@ -13,7 +13,7 @@ __all__ = ["QuantActivation"]
 
 
 class QuantActivation(nn.Module):
-    """Blueoil's ``LinearMidTreadHalfQuantizer`` as a module (SPEC.md).
+    """Blueoil's ``LinearMidTreadHalfQuantizer`` as a module (docs/quantizer.md).
 
     Args:
         bit: bits of the activation code, 1..16 (``2**bit - 1`` levels above 0), or 32 to clip only.

@@ -87,7 +87,7 @@ class _QuantizeWithCustomBackward(torch.autograd.Function):
 def linear_mid_tread_half_quantize(
     x: torch.Tensor, bit: int = 2, max_value: float = 2.0, *, backward: Optional[BackwardFn] = None
 ) -> torch.Tensor:
-    """Blueoil's linear mid-tread half quantizer (SPEC.md).
+    """Blueoil's linear mid-tread half quantizer (docs/quantizer.md).
 
     ``y = (floor((clip(x, 0, m) / m) * n + 0.5) / n) * m`` with ``n = 2**bit - 1``
     and ``m = max_value``, each step rounded in float32 (float64 for float64

@@ -1,7 +1,7 @@
-"""A pure-PyTorch reference of SPEC.md, one eager op per step.
+"""A pure-PyTorch reference of docs/quantizer.md, one eager op per step.
 
 It is slow on purpose: every step of the contract is its own rounded tensor
-operation in the compute type T, so it can be read against SPEC.md line by
+operation in the compute type T, so it can be read against docs/quantizer.md line by
 line. Tests compare the operators with it; users can too.
 """
 
@@ -17,7 +17,7 @@ __all__ = [
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SPEC.md's T: float64 for float64 inputs, float32 for float16, bfloat16 and float32."""
+    """docs/quantizer.md's T: float64 for float64 inputs, float32 for float16, bfloat16 and float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

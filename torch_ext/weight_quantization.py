@@ -2,7 +2,7 @@
 
 Both quantizers map every weight to ``+scale`` or ``-scale`` and use the
 straight-through estimator in backward (``grad_w = grad_y``), exactly as
-SPEC.md ("Weight quantizers") states. They are written with plain PyTorch
+docs/quantizer.md ("Weight quantizers") states. They are written with plain PyTorch
 operations inside a ``torch.autograd.Function``, so they run on every device
 PyTorch supports, for every floating dtype, and trace under ``torch.compile``.
 """
@@ -18,7 +18,7 @@ __all__ = [
 
 
 def _check_weight(w: torch.Tensor, name: str) -> None:
-    """Refuse inputs the formulas do not cover, naming the argument (SPEC.md)."""
+    """Refuse inputs the formulas do not cover, naming the argument (docs/quantizer.md)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name}: w must be a torch.Tensor, got {type(w).__name__}")
     if not w.is_floating_point():
@@ -57,7 +57,7 @@ class _BinaryMeanScaling(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Straight-through estimator (SPEC.md): grad_w = grad_y, unmasked.
+        # Straight-through estimator (docs/quantizer.md): grad_w = grad_y, unmasked.
         return grad_y
 
 

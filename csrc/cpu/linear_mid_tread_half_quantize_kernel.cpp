@@ -4,7 +4,7 @@
 // baseline x86-64 ISA and for AVX2, picked once a call at run time. The
 // baseline ISA has no vector floor (it needs SSE4.1's roundps), so without
 // the AVX2 copy the forward would run one element at a time. Each step of
-// SPEC.md stays one correctly rounded operation in both copies (no FMA, no
+// docs/quantizer.md stays one correctly rounded operation in both copies (no FMA, no
 // reciprocal), so they give bit-identical results, whatever the thread count.
 #include "torch_ext/formula.h"
 #include "torch_ext/layouts.h"

@@ -1,4 +1,4 @@
-// The scalar math of SPEC.md, shared by the CPU and the CUDA kernels so that
+// The scalar math of docs/quantizer.md, shared by the CPU and the CUDA kernels so that
 // the two cannot drift apart. Every function here is C10_HOST_DEVICE.
 //
 // Each step is one correctly rounded IEEE operation: on the device we call the
@@ -17,7 +17,7 @@
 namespace torch_ext {
 namespace formula {
 
-// The compute type T of SPEC.md: double for float64, float for everything
+// The compute type T of docs/quantizer.md: double for float64, float for everything
 // narrower (float16, bfloat16, float32).
 template <typename scalar_t>
 struct ComputeType {
@@ -121,7 +121,7 @@ C10_HOST_DEVICE inline T quantize_levels(T x, T m, T n) {
   return mul_rn(div_rn(level, n), m);
 }
 
-// The whole forward of SPEC.md, bit == 32 included.
+// The whole forward of docs/quantizer.md, bit == 32 included.
 template <typename T>
 C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {
   return p.clip_only ? clip(x, p.max_value) : quantize_levels(x, p.max_value, p.levels);

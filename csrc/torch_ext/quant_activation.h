@@ -23,7 +23,7 @@ struct QuantActivationOptions {
   TORCH_ARG(bool, inplace) = false;
 };
 
-// y = linear_mid_tread_half_quantize(x, bit, max_value) (SPEC.md). The options
+// y = linear_mid_tread_half_quantize(x, bit, max_value) (docs/quantizer.md). The options
 // are checked when the module is built, so a bad bit or max_value fails at
 // construction rather than at the first forward.
 class QuantActivationImpl : public torch::nn::Cloneable<QuantActivationImpl> {

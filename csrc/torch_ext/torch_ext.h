@@ -1,5 +1,5 @@
 // Public C++ API of torch_ext: Blueoil's linear mid-tread half quantizer as a
-// PyTorch operator. The math is ../shared/SPEC.md; every function here calls
+// PyTorch operator. The math is docs/quantizer.md; every function here calls
 // through the dispatcher, so it is differentiable and runs on every device
 // that has a registered kernel (CPU always, CUDA when built with it).
 #pragma once
@@ -31,7 +31,7 @@ at::Tensor linear_mid_tread_half_quantize_forward_(at::Tensor& x, int64_t bit, d
 at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask);
 
 // Throws c10::ValueError (bit, max_value) or c10::TypeError (dtype), with a
-// message naming the argument and its value, exactly as SPEC.md refuses them.
+// message naming the argument and its value, exactly as docs/quantizer.md refuses them.
 void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value);
 void check_bit(int64_t bit);
 void check_max_value(double max_value);

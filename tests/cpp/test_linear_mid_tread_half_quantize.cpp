@@ -1,5 +1,5 @@
 // The C++ entry point torch_ext::linear_mid_tread_half_quantize: values of
-// SPEC.md, the gradient, the packed mask, and refused input.
+// docs/quantizer.md, the gradient, the packed mask, and refused input.
 #include "catch_compat.h"
 
 #include <torch_ext/torch_ext.h>
@@ -12,7 +12,7 @@
 
 namespace {
 
-// SPEC.md in plain C++ double/float arithmetic, one element at a time.
+// docs/quantizer.md in plain C++ double/float arithmetic, one element at a time.
 float spec_float(float x, int bit, double max_value) {
   const float m = static_cast<float>(max_value);
   float c = x < 0.0f ? 0.0f : (x > m ? m : x);
@@ -39,7 +39,7 @@ bool same_bits(const at::Tensor& a, const at::Tensor& b) {
 
 }  // namespace
 
-TEST_CASE("ties round up and the SPEC example holds", "[forward]") {
+TEST_CASE("ties round up and the documented example holds", "[forward]") {
   // bit=1, max_value=2: x=1.0 is the tie and goes to 2.0 (torch.round gives 0).
   auto y = torch_ext::linear_mid_tread_half_quantize(torch::tensor({1.0f}), 1, 2.0);
   CHECK(y.item<float>() == 2.0f);
