@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_ext import models
 from torch_ext.models import LmnetV1, LmnetV1Quantize, SampleNetwork, SampleNetworkQuantize, SpaceToDepth
 from torch_ext.modules import QuantActivation
 from torch_ext.quant_conv import QuantConv2d
@@ -95,6 +96,31 @@ def test_lmnet_quantize_which_convs_are_quantized(first, last):
     assert all(_conv(model, n).weight_quantizer is binary_mean_scaling_quantize for n in expected)
 
 
+def test_lmnet_quantize_defaults_match_blueoil():
+    # Blueoil's LmnetV1Quantize quantizes conv1..conv6 through its variable
+    # getter; conv7, the classifier, keeps float weights.
+    model = LmnetV1Quantize()
+    assert [n for n in LMNET_CONVS if _is_quantized(_conv(model, n))] == LMNET_CONVS[:6]
+    assert type(model.conv7) is nn.Conv2d and model.quantize_last_convolution is False
+    assert model.quantize_first_convolution is True
+
+
+def test_registry_builds_every_model_by_name():
+    assert models.list_models() == sorted(["lmnet_v1", "lmnet_v1_quantize", "sample_network", "sample_network_quantize"])
+    for name, cls in [("lmnet_v1", LmnetV1), ("lmnet_v1_quantize", LmnetV1Quantize), ("sample_network", SampleNetwork),
+                      ("sample_network_quantize", SampleNetworkQuantize)]:
+        model = models.get_model(name, num_classes=4, in_channels=1)
+        assert type(model) is cls and model.num_classes == 4
+        assert models.get_model_builder(name) is cls
+    # A weight quantizer can be named.
+    model = models.get_model("lmnet_v1_quantize", weight_quantizer="binary_channel_wise_mean_scaling")
+    assert model.conv2.conv.weight_quantizer is binary_channel_wise_mean_scaling_quantize
+    with pytest.raises(ValueError, match=r"model='resnet18' is unknown; choose one of \['lmnet_v1'"):
+        models.get_model("resnet18")
+    with pytest.raises(ValueError, match=r"weight_quantizer='ternary' is unknown"):
+        models.get_model("lmnet_v1_quantize", weight_quantizer="ternary")
+
+
 def test_lmnet_quantize_activations():
     model = LmnetV1Quantize()
     acts = [m for m in model.modules() if isinstance(m, QuantActivation)]
@@ -122,6 +148,7 @@ def test_custom_quantizers_are_used():
         activation_quantizer=QuantActivation,
         activation_quantizer_kwargs={"bit": 3, "max_value": 1.5},
         weight_quantizer=binary_channel_wise_mean_scaling_quantize,
+        quantize_last_convolution=True,
     )
     acts = [m for m in model.modules() if isinstance(m, QuantActivation)]
     assert all(a.bit == 3 and a.max_value == 1.5 for a in acts)

@@ -7,6 +7,7 @@ The runs here are kept small for a 2-core CI machine: LMNet on digits at
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -397,3 +398,63 @@ def test_cuda_amp_training(tmp_path, amp):
     assert result["completed"] and result["test_acc"] >= 0.5
     acts = [m for m in result["module"].modules() if isinstance(m, QuantActivation)]
     assert len(acts) == 5
+
+
+# ---------------------------------------------------------------- configuration and progress
+
+
+def test_configuration_is_frozen_and_resolved_once():
+    import dataclasses
+
+    from torch_ext.train import parse_config
+
+    cfg = parse_config(["--epochs", "3", "--lr-milestones", "0.5"])
+    assert cfg.epochs == 3 and cfg.lr_milestones == (0.5,)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.epochs = 4
+    resolved = cfg.resolved(image_size=16, flip=False, world_size=2)
+    assert (resolved.image_size, resolved.flip, resolved.world_size) == (16, False, 2)
+    assert cfg.image_size is None  # the parsed configuration is untouched
+    # The model's own defaults, as in Blueoil: LmnetV1Quantize keeps conv7 float.
+    assert (cfg.quantize_first_convolution, cfg.quantize_last_convolution) == (True, False)
+    sample = parse_config(["--model", "sample_network_quantize"])
+    assert sample.quantize_last_convolution is True
+    assert parse_config(["--quantize-last-convolution"]).quantize_last_convolution is True
+
+
+def test_checkpoint_records_the_blueoil_defaults(trained):
+    out, result = trained
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["quantize_last_convolution"] is False
+    assert "conv7.weight" in ckpt["model"]
+    model = result["module"]
+    assert type(model.conv7) is torch.nn.Conv2d  # float classifier, as Blueoil's LmnetV1Quantize
+
+
+def test_progress_in_a_log_is_a_few_lines_an_epoch(tmp_path, capsys):
+    # Progress into a file or CI log (not a TTY): three lines an epoch, no redraws.
+    train.main([*[a for a in TINY if a != "--no-progress"], "--epochs", "2", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    step_lines = [line for line in err.splitlines() if ": step " in line]
+    assert len(step_lines) == 2 * 3, err
+    assert all(re.match(r"epoch [12]/2: step \d+/\d+ loss \d+\.\d+ lr ", line) for line in step_lines), step_lines
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    import io
+
+    from torch_ext.train.report import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = Progress(range(5), 5, "epoch 1/1", enabled=True, stream=stream)
+    for _ in progress:
+        progress.update(loss="1.0")
+    assert "\r" in stream.getvalue() and "epoch 1/1" in stream.getvalue() and "loss=1.0" in stream.getvalue()
+    quiet = io.StringIO()
+    assert list(Progress(range(5), 5, "x", enabled=False, stream=quiet)) == list(range(5))
+    assert quiet.getvalue() == ""

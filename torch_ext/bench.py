@@ -1,4 +1,4 @@
-"""Benchmarks of the linear mid-tread half quantizer against its peers (issue 5).
+"""Benchmarks of the linear mid-tread half quantizer against its peers.
 
 Run ``python -m torch_ext.bench`` (``make bench``). Two parts:
 
@@ -6,7 +6,7 @@ Run ``python -m torch_ext.bench`` (``make bench``). Two parts:
   ``torch_ext`` next to the memory-limit yardsticks (``torch.relu`` out of
   place and a plain copy), ``torch.fake_quantize_per_tensor_affine``, the
   composite a user writes by hand (a straight-through ``autograd.Function``
-  over clamp/divide/multiply/add/floor/divide/multiply) and that composite
+  over the formula's eager tensor ops: :mod:`torch_ext.reference`) and that composite
   under ``torch.compile``; float32 and bfloat16, a small and a large size, on
   the CPU and, where one is visible, on CUDA.
 * **Training-step benchmark.** One SGD step of ``LmnetV1Quantize`` against
@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -66,6 +67,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import torch_ext
+from torch_ext.reference import (
+    linear_mid_tread_half_quantize_backward_reference,
+    linear_mid_tread_half_quantize_reference,
+)
 
 __all__ = ["CANDIDATES", "OPS", "main"]
 
@@ -80,6 +85,9 @@ OPS = ("forward", "backward", "forward+backward")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 _DEFAULT_SIZES = {"cpu": (1 << 16, 1 << 24), "cuda": (1 << 16, 1 << 28)}
 _QUICK_SIZES = (1 << 16,)
+_LAYOUTS = ("contiguous", "channels_last")
+# channels_last cases are images [N, 64, 32, 32]: sizes must be multiples of 64K.
+_IMAGE_SHAPE = (64, 32, 32)
 # A sample lasts at least this long (the call is repeated within it).
 _SAMPLE_SECONDS = {"cpu": 2e-3, "cuda": 1e-3}
 
@@ -120,21 +128,18 @@ def _csv(text: str) -> List[str]:
 
 
 class _CompositeSTE(torch.autograd.Function):
-    """What a user writes by hand: the formula in torch ops, straight-through gradient, saving ``x``."""
+    """What a user writes by hand: the formula in eager torch ops, a straight-through gradient, saving ``x``."""
 
     @staticmethod
     def forward(ctx, x, bit, max_value):
         ctx.save_for_backward(x)
         ctx.max_value = max_value
-        n = float(2**bit - 1)
-        c = torch.clamp(x, 0.0, max_value)
-        return torch.floor(c / max_value * n + 0.5) / n * max_value
+        return linear_mid_tread_half_quantize_reference(x, bit, max_value)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        keep = (x > 0) & (x < ctx.max_value)
-        return grad_y * keep.to(grad_y.dtype), None, None
+        return linear_mid_tread_half_quantize_backward_reference(grad_y, x, ctx.max_value), None, None
 
 
 def _composite(x: torch.Tensor) -> torch.Tensor:
@@ -264,20 +269,31 @@ class _Candidate:
     error: Optional[str] = None  # why it is n/a
 
 
-def _make_candidates(device: torch.device, dtype: torch.dtype) -> List[_Candidate]:
+def _torch_ext(x: torch.Tensor) -> torch.Tensor:
+    return torch_ext.linear_mid_tread_half_quantize(x, BIT, MAX_VALUE)
+
+
+def _clone(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()
+
+
+def _copy_backward(grad_y: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(grad_y).copy_(grad_y)
+
+
+def _fake_quantize(x: torch.Tensor) -> torch.Tensor:
     n = 2**BIT - 1
-    scale = MAX_VALUE / n
+    return torch.fake_quantize_per_tensor_affine(x, MAX_VALUE / n, 0, 0, n)
 
-    def fake_quantize(x):
-        return torch.fake_quantize_per_tensor_affine(x, scale, 0, 0, n)
 
+def _make_candidates() -> List[_Candidate]:
     return [
-        _Candidate("torch_ext", lambda x: torch_ext.linear_mid_tread_half_quantize(x, BIT, MAX_VALUE)),
+        _Candidate("torch_ext", _torch_ext),
         _Candidate("relu", torch.relu),
-        _Candidate("copy", lambda x: x.clone(), backward=lambda g: torch.empty_like(g).copy_(g)),
-        _Candidate("fake_quantize", fake_quantize),
+        _Candidate("copy", _clone, backward=_copy_backward),
+        _Candidate("fake_quantize", _fake_quantize),
         _Candidate("composite", _composite),
-        # Compiled per case (fixed shape and dtype), in _prepare.
+        # Compiled per case (fixed shape and dtype), in _bench_case.
         _Candidate("composite_compiled", _composite),
     ]
 
@@ -317,6 +333,29 @@ def _saved_for_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
 # The operator benchmark.
 
 
+def _forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor):
+    return torch.autograd.grad(forward(x), x, grad)
+
+
+def _copy_both_ways(c: "_Candidate", x: torch.Tensor, grad: torch.Tensor):
+    return c.forward(x), c.backward(grad)
+
+
+def _timed_call(c: "_Candidate", op: str, x: torch.Tensor, grad: torch.Tensor):
+    """The call that times ``op`` of candidate ``c``, and the forward graph it needs kept alive (or None)."""
+    if op == "forward":
+        return functools.partial(c.forward, x), None
+    if op == "backward":
+        if c.backward is not None:
+            return functools.partial(c.backward, grad), None
+        with torch.enable_grad():
+            y = c.forward(x)
+        return functools.partial(torch.autograd.grad, y, x, grad, retain_graph=True), y
+    if c.backward is not None:
+        return functools.partial(_copy_both_ways, c, x, grad), None
+    return functools.partial(_forward_backward, c.forward, x, grad), None
+
+
 @dataclass
 class Result:
     device: str
@@ -324,6 +363,7 @@ class Result:
     size: int
     op: str
     candidate: str
+    layout: str = "contiguous"
     median_s: Optional[float] = None
     min_s: Optional[float] = None
     samples_s: List[float] = field(default_factory=list)
@@ -337,18 +377,26 @@ class Result:
     reason: Optional[str] = None
 
 
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """``t`` (flat) as a contiguous vector, or as ``[N, 64, 32, 32]`` in channels_last memory order."""
+    if layout == "contiguous":
+        return t
+    return t.view(-1, *_IMAGE_SHAPE).contiguous(memory_format=torch.channels_last)
+
+
 def _bench_case(
-    device: torch.device, dtype: torch.dtype, numel: int, repeats: int, warmup: int, copy_gbps: Optional[float]
+    device: torch.device, dtype: torch.dtype, numel: int, repeats: int, warmup: int, copy_gbps: Optional[float],
+    layout: str = "contiguous",
 ) -> List[Result]:
     dtype_name = str(dtype).replace("torch.", "")
     element = torch.empty((), dtype=dtype).element_size()
     gen = torch.Generator(device="cpu").manual_seed(0)
     # Inputs over [-1, 3): some below 0, some above max_value = 2, most inside.
-    x = (torch.rand(numel, generator=gen, dtype=torch.float32) * 4 - 1).to(device=device, dtype=dtype)
+    x = _layout((torch.rand(numel, generator=gen, dtype=torch.float32) * 4 - 1).to(device=device, dtype=dtype), layout)
     x.requires_grad_(True)
-    grad = torch.rand(numel, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    grad = _layout(torch.rand(numel, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype), layout)
 
-    candidates = _make_candidates(device, dtype)
+    candidates = _make_candidates()
     saved_info: Dict[str, Tuple[float, float]] = {}
     for c in candidates:
         if c.name == "composite_compiled":
@@ -381,28 +429,16 @@ def _bench_case(
         fns: Dict[str, Callable[[], object]] = {}
         graphs = []  # keeps the forward graphs of the backward timing alive
         for c in ok:
-            if op == "forward":
-                fns[c.name] = (lambda f: lambda: f(x))(c.forward)
-            elif op == "backward":
-                if c.backward is not None:
-                    fns[c.name] = (lambda b: lambda: b(grad))(c.backward)
-                else:
-                    with torch.enable_grad():
-                        y = c.forward(x)
-                    graphs.append(y)
-                    fns[c.name] = (lambda y: lambda: torch.autograd.grad(y, x, grad, retain_graph=True))(y)
-            else:
-                if c.backward is not None:
-                    fns[c.name] = (lambda f, b: lambda: (f(x), b(grad)))(c.forward, c.backward)
-                else:
-                    fns[c.name] = (lambda f: lambda: torch.autograd.grad(f(x), x, grad))(c.forward)
+            fns[c.name], graph = _timed_call(c, op, x, grad)
+            if graph is not None:
+                graphs.append(graph)
         with torch.enable_grad():
             failed: Dict[str, str] = {}
             medians = _interleaved_medians(fns, device, repeats, warmup, failed) if fns else {}
         del graphs
 
         for c in candidates:
-            r = Result(device.type, dtype_name, numel, op, c.name)
+            r = Result(device.type, dtype_name, numel, op, c.name, layout=layout)
             if c.error is not None or c.name in failed:
                 r.status, r.reason = "n/a", c.error or failed[c.name]
                 results.append(r)
@@ -436,41 +472,43 @@ def _bench_case(
 # The training-step benchmark.
 
 
-def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int) -> Dict[str, object]:
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                amp: Optional[torch.dtype]):
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(images.device.type, dtype=amp, enabled=amp is not None):
+        logits = model(images)
+    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+    loss.backward()
+    opt.step()
+
+
+def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int, *,
+                      amp: Optional[str] = None, channels_last: bool = False) -> Dict[str, object]:
     from torch_ext.models import LmnetV1, LmnetV1Quantize  # another module; imported when needed
 
     gen = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
     steps: Dict[str, Callable[[], object]] = {}
     for name, cls in (("LmnetV1Quantize", LmnetV1Quantize), ("LmnetV1", LmnetV1)):
         torch.manual_seed(0)
-        model = cls(num_classes=10).to(device).train()
+        model = cls(num_classes=10).to(device, memory_format=memory_format).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-        def step(model=model, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
-            loss.backward()
-            opt.step()
-
-        steps[name] = step
-    _log(f"{device.type} training step, batch {batch}: LmnetV1Quantize vs LmnetV1 ({repeats} rounds)")
-    for fn in steps.values():
-        for _ in range(warmup):
-            fn()
-    _sync(device)
-    names = list(steps)
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for n in names[shift:] + names[:shift]:
-            samples[n].append(_time_once(steps[n], 1, device))
+        steps[name] = functools.partial(_train_step, model, opt, images, labels, _DTYPES.get(amp))
+    _log(f"{device.type} training step, batch {batch}, amp {amp}, channels_last {channels_last}: "
+         f"LmnetV1Quantize vs LmnetV1 ({repeats} rounds)")
+    timed = _interleaved_medians(steps, device, repeats, warmup)
+    samples = {n: s for n, (_, s) in timed.items()}
     med = {n: statistics.median(s) for n, s in samples.items()}
     return {
         "device": device.type,
         "batch": batch,
         "image_size": [32, 32],
+        "amp": amp,
+        "channels_last": channels_last,
         "optimizer": "SGD(lr=0.01, momentum=0.9)",
         "median_s": med,
         "samples_s": samples,
@@ -479,7 +517,7 @@ def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: in
 
 
 # --------------------------------------------------------------------------
-# Targets of issue 5.
+# Targets: the figures this project promises.
 
 
 def _find(results: Sequence[Result], **kw) -> Optional[Result]:
@@ -490,7 +528,7 @@ def _find(results: Sequence[Result], **kw) -> Optional[Result]:
 
 
 def _targets(results: Sequence[Result], train: Sequence[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Issue 5's targets, where this run measured them at the target size."""
+    """The promised figures (README), where this run measured them at the target size."""
     out: List[Dict[str, object]] = []
 
     def ratio_target(device, dtype, size, op, peer, limit, text):
@@ -555,23 +593,23 @@ def _fmt_time(s: Optional[float]) -> str:
 
 
 def _print_table(results: Sequence[Result], copy_gbps: Dict[str, float], out=sys.stdout) -> None:
-    header = (f"{'device':<6} {'op':<16} {'dtype':<8} {'size':>5}  {'candidate':<18} {'median':>10} {'min':>10} "
+    header = (f"{'device':<6} {'op':<16} {'dtype':<8} {'layout':<13} {'size':>5}  {'candidate':<18} {'median':>10} {'min':>10} "
               f"{'GB/s':>7} {'%copy':>6} {'ext/peer':>8} {'saved B/el':>10}")
     print(header, file=out)
     print("-" * len(header), file=out)
     last_group = None
     for r in results:
-        group = (r.device, r.op, r.dtype, r.size)
+        group = (r.device, r.op, r.dtype, r.size, r.layout)
         if last_group is not None and group != last_group:
             print("", file=out)
         last_group = group
         if r.status != "ok":
-            print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {_size_name(r.size):>5}  {r.candidate:<18} "
+            print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {r.layout:<13} {_size_name(r.size):>5}  {r.candidate:<18} "
                   f"{'n/a':>10}  ({r.reason})", file=out)
             continue
         ratio = "" if r.candidate == "torch_ext" or r.torch_ext_ratio is None else f"{r.torch_ext_ratio:.2f}x"
         frac = "" if r.fraction_of_copy is None else f"{100 * r.fraction_of_copy:.0f}%"
-        print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {_size_name(r.size):>5}  {r.candidate:<18} "
+        print(f"{r.device:<6} {r.op:<16} {r.dtype:<8} {r.layout:<13} {_size_name(r.size):>5}  {r.candidate:<18} "
               f"{_fmt_time(r.median_s):>10} {_fmt_time(r.min_s):>10} {r.gbps:7.1f} {frac:>6} {ratio:>8} "
               f"{r.saved_bytes_per_element:10.3f}", file=out)
     for dev, bw in copy_gbps.items():
@@ -583,7 +621,8 @@ def _print_table(results: Sequence[Result], copy_gbps: Dict[str, float], out=sys
 def _print_train(train: Sequence[Dict[str, object]], out=sys.stdout) -> None:
     for t in train:
         med = t["median_s"]
-        print(f"\nTraining step on {t['device']} (batch {t['batch']}, 32x32, SGD; median of "
+        setting = (f", autocast {t['amp']}" if t.get("amp") else "") + (", channels_last" if t.get("channels_last") else "")
+        print(f"\nTraining step on {t['device']} (batch {t['batch']}, 32x32, SGD{setting}; median of "
               f"{len(t['samples_s']['LmnetV1'])} interleaved rounds): LmnetV1Quantize "
               f"{_fmt_time(med['LmnetV1Quantize'])}, LmnetV1 {_fmt_time(med['LmnetV1'])}, "
               f"ratio {t['ratio_quantized_over_float']:.2f}x", file=out)
@@ -592,7 +631,7 @@ def _print_train(train: Sequence[Dict[str, object]], out=sys.stdout) -> None:
 def _print_targets(targets: Sequence[Dict[str, object]], out=sys.stdout) -> None:
     if not targets:
         return
-    print("\nIssue 5 targets:", file=out)
+    print("\nTargets:", file=out)
     for t in targets:
         value = t["value"]
         if value is None:
@@ -628,38 +667,90 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--train-batch", type=int, default=None,
                    help="batch of the training step (default 256 on CUDA, 32 on CPU; 2 with --quick)")
     p.add_argument("--train-repeats", type=int, default=None, help="timed rounds of the training step")
+    p.add_argument("--train-amp", default=None, metavar="DTYPE",
+                   help="autocast the training step to bfloat16 or float16 (default: no autocast)")
+    p.add_argument("--train-channels-last", action="store_true",
+                   help="the training step's images and models in channels_last memory format")
+    p.add_argument("--layouts", type=_csv, default=["contiguous"],
+                   help="memory layouts of the operator cases: contiguous (a vector) and/or channels_last "
+                        "(images [N, 64, 32, 32]; sizes must be multiples of 64K)")
+    p.add_argument("--deploy", action="store_true",
+                   help="benchmark the deployed (bit-packed) LMNet against the float and fake-quantized models "
+                        "instead (torch_ext.deploy.bench)")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    devices = args.devices
-    if devices is None:
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def _devices(requested: Optional[List[str]]) -> List[str]:
+    devices = requested if requested is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for d in devices:
         if d not in ("cpu", "cuda"):
             raise SystemExit(f"--devices: unknown device {d!r} (cpu, cuda)")
     if "cuda" in devices and not torch.cuda.is_available():
         _log("no CUDA device is visible: skipping cuda")
         devices = [d for d in devices if d != "cuda"]
-    for d in args.dtypes:
-        if d not in _DTYPES:
-            raise SystemExit(f"--dtypes: unknown dtype {d!r} ({', '.join(_DTYPES)})")
-    run_train = True if args.train_step is None else args.train_step
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    reuse = None
-    if args.reuse_freed_memory:
-        failure = _reuse_freed_memory()
-        reuse = failure is None
-        if failure:
-            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    return devices
 
-    started = time.perf_counter()
+
+def _check_args(args: argparse.Namespace) -> None:
+    for option, values, known in (("--dtypes", args.dtypes, _DTYPES), ("--layouts", args.layouts, _LAYOUTS)):
+        for v in values:
+            if v not in known:
+                raise SystemExit(f"{option}: unknown value {v!r} ({', '.join(known)})")
+    if args.train_amp is not None and args.train_amp not in ("bfloat16", "float16"):
+        raise SystemExit(f"--train-amp: must be bfloat16 or float16, got {args.train_amp!r}")
+    if "channels_last" in args.layouts and args.sizes:
+        bad = [n for n in args.sizes if n % math.prod(_IMAGE_SHAPE)]
+        if bad:
+            raise SystemExit(f"--sizes: channels_last cases need multiples of {math.prod(_IMAGE_SHAPE)} elements, "
+                             f"got {', '.join(map(str, bad))}")
+
+
+def _defaults(args: argparse.Namespace, dev_name: str) -> Dict[str, object]:
+    """Sizes, rounds and warm-up calls for ``dev_name``: the options where given, else the device's defaults."""
+    if args.quick:
+        sizes, repeats, warmup, train = _QUICK_SIZES, 3, 1, (2, 1, 0)
+    elif dev_name == "cpu":
+        sizes, repeats, warmup, train = _DEFAULT_SIZES[dev_name], 9, 2, (32, 5, 1)
+    else:
+        sizes, repeats, warmup, train = _DEFAULT_SIZES[dev_name], 30, 5, (256, 20, 3)
+    return {
+        "sizes": args.sizes or list(sizes),
+        "repeats": args.repeats or repeats,
+        "warmup": args.warmup if args.warmup is not None else warmup,
+        "train_batch": args.train_batch or train[0],
+        "train_repeats": args.train_repeats or train[1],
+        "train_warmup": train[2],
+    }
+
+
+def _bench_device(args: argparse.Namespace, dev_name: str, copy_gbps: Dict[str, float]):
+    """Every operator case and the training step on one device: (results, training-step records)."""
+    device = torch.device(dev_name)
+    d = _defaults(args, dev_name)
     results: List[Result] = []
-    copy_gbps: Dict[str, float] = {}
-    train: List[Dict[str, object]] = []
-    meta = {
+    if not args.only_train_step:
+        _log(f"{dev_name}: copy bandwidth at {_size_name(max(d['sizes']))} float32")
+        copy_gbps[dev_name] = _copy_bandwidth(device, max(d["sizes"]), d["repeats"], d["warmup"])
+        # Donated buffers (a compiled backward reusing a saved tensor's memory
+        # for its output) forbid retain_graph=True, which the backward timing
+        # needs; the check is made at each backward call. Nothing could be
+        # donated here anyway: the saved bool mask is smaller than grad_x.
+        with _no_donated_buffers():
+            for layout in args.layouts:
+                for dtype_name in args.dtypes:
+                    for numel in d["sizes"]:
+                        results += _bench_case(device, _DTYPES[dtype_name], numel, d["repeats"], d["warmup"],
+                                               copy_gbps[dev_name], layout)
+    train = []
+    if args.train_step is not False:
+        train.append(_bench_train_step(device, d["train_batch"], d["train_repeats"], d["train_warmup"],
+                                       amp=args.train_amp, channels_last=args.train_channels_last))
+    return results, train
+
+
+def _meta(args: argparse.Namespace, argv: Optional[Sequence[str]], devices: List[str],
+          reuse: Optional[bool]) -> Dict[str, object]:
+    return {
         "torch": torch.__version__,
         "torch_ext": torch_ext.__version__,
         "python": platform.python_version(),
@@ -670,44 +761,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "max_value": MAX_VALUE,
         "argv": list(argv) if argv is not None else sys.argv[1:],
         "cuda_device": torch.cuda.get_device_name() if "cuda" in devices else None,
+        "cuda": torch.version.cuda if "cuda" in devices else None,
         "reuse_freed_memory": reuse,
     }
 
-    for dev_name in devices:
-        device = torch.device(dev_name)
-        if args.quick:
-            default_sizes, default_repeats, default_warmup = _QUICK_SIZES, 3, 1
-        elif dev_name == "cpu":
-            default_sizes, default_repeats, default_warmup = _DEFAULT_SIZES[dev_name], 9, 2
-        else:
-            default_sizes, default_repeats, default_warmup = _DEFAULT_SIZES[dev_name], 30, 5
-        warmup = args.warmup if args.warmup is not None else default_warmup
-        sizes = args.sizes or list(default_sizes)
-        repeats = args.repeats or default_repeats
-        if not args.only_train_step:
-            _log(f"{dev_name}: copy bandwidth at {_size_name(max(sizes))} float32")
-            copy_gbps[dev_name] = _copy_bandwidth(device, max(sizes), repeats, warmup)
-            # Donated buffers (a compiled backward reusing a saved tensor's memory
-            # for its output) forbid retain_graph=True, which the backward timing
-            # needs; the check is made at each backward call. Nothing could be
-            # donated here anyway: the saved bool mask is smaller than grad_x.
-            with _no_donated_buffers():
-                for dtype_name in args.dtypes:
-                    for numel in sizes:
-                        results += _bench_case(device, _DTYPES[dtype_name], numel, repeats, warmup,
-                                               copy_gbps[dev_name])
-        if run_train:
-            if args.train_batch is not None:
-                batch = args.train_batch
-            else:
-                batch = 2 if args.quick else (256 if dev_name == "cuda" else 32)
-            if args.quick:
-                train_repeats, train_warmup = 1, 0
-            else:
-                train_repeats, train_warmup = (5, 1) if dev_name == "cpu" else (20, 3)
-            train_repeats = args.train_repeats or train_repeats
-            train.append(_bench_train_step(device, batch, train_repeats, train_warmup))
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m torch_ext.bench``: print the tables (and write ``--json``); returns the exit status."""
+    args = _parser().parse_args(argv)
+    _check_args(args)
+    if args.deploy:
+        from torch_ext.deploy import bench as deploy_bench  # only this mode needs it
+
+        return deploy_bench.main(["--json", args.json] if args.json else [])
+    devices = _devices(args.devices)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reuse = None
+    if args.reuse_freed_memory:
+        failure = _reuse_freed_memory()
+        reuse = failure is None
+        if failure:
+            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    started = time.perf_counter()
+    meta = _meta(args, argv, devices, reuse)
+    results: List[Result] = []
+    copy_gbps: Dict[str, float] = {}
+    train: List[Dict[str, object]] = []
+    for dev_name in devices:
+        dev_results, dev_train = _bench_device(args, dev_name, copy_gbps)
+        results += dev_results
+        train += dev_train
     targets = _targets(results, train)
     if results:
         _print_table(results, copy_gbps)
@@ -715,18 +799,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _print_targets(targets)
     elapsed = time.perf_counter() - started
     print(f"\n(torch {meta['torch']}, {meta['threads']} threads, CPU capability {meta['cpu_capability']}"
-          + (f", {meta['cuda_device']}" if meta["cuda_device"] else "")
+          + (f", {meta['cuda_device']}, CUDA {meta['cuda']}" if meta["cuda_device"] else "")
           + (", freed memory reused (glibc mallopt)" if reuse else "")
           + f"; {elapsed:.0f} s)")
     if args.json:
-        doc = {
-            "meta": meta,
-            "copy_bandwidth_gbps": copy_gbps,
-            "results": [asdict(r) for r in results],
-            "train_step": train,
-            "targets": targets,
-            "elapsed_s": elapsed,
-        }
+        doc = {"meta": meta, "copy_bandwidth_gbps": copy_gbps, "results": [asdict(r) for r in results],
+               "train_step": train, "targets": targets, "elapsed_s": elapsed}
         with open(args.json, "w") as f:
             json.dump(doc, f, indent=1)
         _log(f"wrote {args.json}")

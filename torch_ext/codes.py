@@ -23,11 +23,9 @@ only) has no levels and is refused.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
-from .ops import validate_max_value
+from .ops import validate_bit, validate_max_value
 from .reference import compute_dtype
 
 __all__ = ["code_dtype", "codes_to_values", "quantize_to_codes"]
@@ -51,20 +49,23 @@ def code_dtype(bit: int) -> torch.dtype:
     return torch.int32
 
 
+def _as_from(fn: str, exc: Exception) -> Exception:
+    """The functional API's error for a bad argument, naming ``fn`` instead of the operator."""
+    message = str(exc).replace("linear_mid_tread_half_quantize: ", "")
+    return type(exc)(f"{fn}: {message}")
+
+
 def _check_bit(fn: str, bit) -> int:
-    if isinstance(bit, bool):
-        raise TypeError(f"{fn}: bit must be an int, got bit={bit!r}")
+    # The operator's own check, then the one rule of codes: bit=32 has no levels.
     try:
-        value = operator.index(bit)
-    except TypeError:
-        raise TypeError(f"{fn}: bit must be an int, got bit={bit!r} of type {type(bit).__name__}") from None
+        value = validate_bit(bit)
+    except (TypeError, ValueError) as exc:
+        raise _as_from(fn, exc.__class__(str(exc).replace("1..16 or 32", "1..16"))) from None
     if value == 32:
         raise ValueError(
             f"{fn}: bit must be in 1..16, got bit=32: bit=32 is the full-precision (clip only) "
             "quantizer, which has no integer levels"
         )
-    if not 1 <= value <= 16:
-        raise ValueError(f"{fn}: bit must be in 1..16, got bit={value}")
     return value
 
 
@@ -72,9 +73,7 @@ def _check_max_value(fn: str, max_value) -> float:
     try:
         return validate_max_value(max_value)
     except (TypeError, ValueError) as exc:
-        # Same checks and wording as the operator's, naming this function.
-        message = str(exc).replace("linear_mid_tread_half_quantize: ", "")
-        raise type(exc)(f"{fn}: {message}") from None
+        raise _as_from(fn, exc) from None
 
 
 def _constants(t: torch.dtype, device: torch.device, bit: int, max_value: float):

@@ -27,16 +27,20 @@ Translation notes from Blueoil's TensorFlow code:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
 from .modules import QuantActivation
 from .quant_conv import QuantConv2d
-from .weight_quantization import binary_mean_scaling_quantize
+from .weight_quantization import binary_channel_wise_mean_scaling_quantize, binary_mean_scaling_quantize
 
 __all__ = [
+    "WEIGHT_QUANTIZERS",
+    "get_model",
+    "get_model_builder",
+    "list_models",
     "SpaceToDepth",
     "SampleNetwork",
     "SampleNetworkQuantize",
@@ -49,6 +53,12 @@ BN_MOMENTUM = 0.01
 BN_EPS = 1e-3
 # Blueoil's default activation quantizer settings (W1A2 networks).
 DEFAULT_ACTIVATION_QUANTIZER_KWARGS = {"bit": 2, "max_value": 2.0}
+#: Blueoil's weight quantizers by name: the quantized models' ``weight_quantizer``
+#: takes one of these names or any callable ``w -> quantized w``.
+WEIGHT_QUANTIZERS: Mapping[str, Callable[..., torch.Tensor]] = {
+    "binary_mean_scaling": binary_mean_scaling_quantize,
+    "binary_channel_wise_mean_scaling": binary_channel_wise_mean_scaling_quantize,
+}
 
 
 class SpaceToDepth(nn.Module):
@@ -181,6 +191,13 @@ class _QuantizerConfig:
                 f"{cls_name}: activation_quantizer must be a callable returning an nn.Module, "
                 f"got {activation_quantizer!r}"
             )
+        if isinstance(weight_quantizer, str):
+            if weight_quantizer not in WEIGHT_QUANTIZERS:
+                raise ValueError(
+                    f"{cls_name}: weight_quantizer={weight_quantizer!r} is unknown; "
+                    f"choose one of {sorted(WEIGHT_QUANTIZERS)} or pass a callable"
+                )
+            weight_quantizer = WEIGHT_QUANTIZERS[weight_quantizer]
         if weight_quantizer is not None and not callable(weight_quantizer):
             raise TypeError(f"{cls_name}: weight_quantizer must be callable or None, got {weight_quantizer!r}")
         self.cls_name = cls_name
@@ -200,6 +217,23 @@ class _QuantizerConfig:
                 f"got {type(module).__name__} from {self.activation_quantizer!r}"
             )
         return module
+
+
+def _init_quantized(model: nn.Module, num_classes, in_channels, activation_quantizer, activation_quantizer_kwargs,
+                    weight_quantizer, weight_quantizer_kwargs, quantize_first, quantize_last, **build_kwargs) -> None:
+    """The constructor the quantized networks share: check, store the flags, build the layers."""
+    nn.Module.__init__(model)
+    name = type(model).__name__
+    _check_num_classes(name, num_classes)
+    _check_in_channels(name, in_channels)
+    quant = _QuantizerConfig(
+        name, activation_quantizer, activation_quantizer_kwargs, weight_quantizer, weight_quantizer_kwargs
+    )
+    model.num_classes = num_classes
+    model.quantize_first_convolution = bool(quantize_first)
+    model.quantize_last_convolution = bool(quantize_last)
+    model._build(in_channels, *build_kwargs.values(), activation=quant.activation, quant=quant,
+                 quantize_first=model.quantize_first_convolution, quantize_last=model.quantize_last_convolution)
 
 
 class _GlobalAveragePool(nn.Module):
@@ -260,7 +294,8 @@ class SampleNetworkQuantize(SampleNetwork):
         activation_quantizer: callable returning an activation ``nn.Module``
             (default :class:`torch_ext.QuantActivation`).
         activation_quantizer_kwargs: its kwargs (default ``{"bit": 2, "max_value": 2.0}``).
-        weight_quantizer: weight quantizer for the convolutions (default
+        weight_quantizer: weight quantizer for the convolutions: a callable or a
+            name in :data:`WEIGHT_QUANTIZERS` (default
             :func:`torch_ext.binary_mean_scaling_quantize`; None: float weights).
         weight_quantizer_kwargs: its kwargs (default none).
         quantize_first_convolution: quantize ``block_1``'s weight (Blueoil default True).
@@ -273,28 +308,14 @@ class SampleNetworkQuantize(SampleNetwork):
         in_channels: int = 3,
         activation_quantizer: Callable[..., nn.Module] = QuantActivation,
         activation_quantizer_kwargs: Optional[Mapping[str, Any]] = None,
-        weight_quantizer: Optional[Callable[..., torch.Tensor]] = binary_mean_scaling_quantize,
+        weight_quantizer: Union[str, Callable[..., torch.Tensor], None] = binary_mean_scaling_quantize,
         weight_quantizer_kwargs: Optional[Mapping[str, Any]] = None,
         quantize_first_convolution: bool = True,
         quantize_last_convolution: bool = True,
     ) -> None:
-        nn.Module.__init__(self)
-        name = type(self).__name__
-        _check_num_classes(name, num_classes)
-        _check_in_channels(name, in_channels)
-        quant = _QuantizerConfig(
-            name, activation_quantizer, activation_quantizer_kwargs, weight_quantizer, weight_quantizer_kwargs
-        )
-        self.num_classes = num_classes
-        self.quantize_first_convolution = bool(quantize_first_convolution)
-        self.quantize_last_convolution = bool(quantize_last_convolution)
-        self._build(
-            in_channels,
-            activation=quant.activation,
-            quant=quant,
-            quantize_first=self.quantize_first_convolution,
-            quantize_last=self.quantize_last_convolution,
-        )
+        _init_quantized(self, num_classes, in_channels, activation_quantizer, activation_quantizer_kwargs,
+                        weight_quantizer, weight_quantizer_kwargs, quantize_first_convolution,
+                        quantize_last_convolution)
 
 
 class LmnetV1(nn.Module):
@@ -381,9 +402,11 @@ class LmnetV1Quantize(LmnetV1):
     """Blueoil's quantized LMNet v1 (``LmnetV1Quantize``).
 
     As :class:`LmnetV1`, with the activation quantizer in place of ReLU
-    in conv1..conv5 (conv6 keeps its ReLU, as in Blueoil) and quantized weights
-    in every convolution, except conv1 when ``quantize_first_convolution`` is
-    False and conv7 when ``quantize_last_convolution`` is False.
+    in conv1..conv5 (conv6 keeps its ReLU, as in Blueoil) and binary weights in
+    conv1..conv6. conv7, the classifier, keeps float weights by default, as in
+    Blueoil (its quantizing variable getter covers conv1..conv6 only);
+    ``quantize_last_convolution=True`` quantizes it too, and
+    ``quantize_first_convolution=False`` keeps conv1 float.
 
     Args:
         num_classes: number of output classes.
@@ -391,11 +414,12 @@ class LmnetV1Quantize(LmnetV1):
         activation_quantizer: callable returning an activation ``nn.Module``
             (default :class:`torch_ext.QuantActivation`).
         activation_quantizer_kwargs: its kwargs (default ``{"bit": 2, "max_value": 2.0}``).
-        weight_quantizer: weight quantizer for the convolutions (default
+        weight_quantizer: weight quantizer for the convolutions: a callable or a
+            name in :data:`WEIGHT_QUANTIZERS` (default
             :func:`torch_ext.binary_mean_scaling_quantize`; None: float weights).
         weight_quantizer_kwargs: its kwargs (default none).
         quantize_first_convolution: quantize conv1's weight (Blueoil default True).
-        quantize_last_convolution: quantize conv7's weight (Blueoil default True).
+        quantize_last_convolution: quantize conv7's weight (default False: float, as Blueoil).
         dropout: dropout probability before conv7.
     """
 
@@ -405,27 +429,45 @@ class LmnetV1Quantize(LmnetV1):
         in_channels: int = 3,
         activation_quantizer: Callable[..., nn.Module] = QuantActivation,
         activation_quantizer_kwargs: Optional[Mapping[str, Any]] = None,
-        weight_quantizer: Optional[Callable[..., torch.Tensor]] = binary_mean_scaling_quantize,
+        weight_quantizer: Union[str, Callable[..., torch.Tensor], None] = binary_mean_scaling_quantize,
         weight_quantizer_kwargs: Optional[Mapping[str, Any]] = None,
         quantize_first_convolution: bool = True,
-        quantize_last_convolution: bool = True,
+        quantize_last_convolution: bool = False,
         dropout: float = 0.5,
     ) -> None:
-        nn.Module.__init__(self)
-        name = type(self).__name__
-        _check_num_classes(name, num_classes)
-        _check_in_channels(name, in_channels)
-        quant = _QuantizerConfig(
-            name, activation_quantizer, activation_quantizer_kwargs, weight_quantizer, weight_quantizer_kwargs
-        )
-        self.num_classes = num_classes
-        self.quantize_first_convolution = bool(quantize_first_convolution)
-        self.quantize_last_convolution = bool(quantize_last_convolution)
-        self._build(
-            in_channels,
-            dropout,
-            activation=quant.activation,
-            quant=quant,
-            quantize_first=self.quantize_first_convolution,
-            quantize_last=self.quantize_last_convolution,
-        )
+        _init_quantized(self, num_classes, in_channels, activation_quantizer, activation_quantizer_kwargs,
+                        weight_quantizer, weight_quantizer_kwargs, quantize_first_convolution,
+                        quantize_last_convolution, dropout=dropout)
+
+
+# --------------------------------------------------------------------------
+# The registry (torchvision's convention): build a network by name.
+
+_MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "lmnet_v1": LmnetV1,
+    "lmnet_v1_quantize": LmnetV1Quantize,
+    "sample_network": SampleNetwork,
+    "sample_network_quantize": SampleNetworkQuantize,
+}
+
+
+def list_models() -> List[str]:
+    """The names :func:`get_model` knows, sorted."""
+    return sorted(_MODELS)
+
+
+def get_model_builder(name: str) -> Callable[..., nn.Module]:
+    """The class (or function) that :func:`get_model` calls for ``name``."""
+    if name not in _MODELS:
+        raise ValueError(f"model={name!r} is unknown; choose one of {list_models()}")
+    return _MODELS[name]
+
+
+def get_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build network ``name`` (see :func:`list_models`) with its constructor's ``kwargs``.
+
+    ``get_model("lmnet_v1_quantize", num_classes=10, in_channels=1,
+    weight_quantizer="binary_channel_wise_mean_scaling")`` is
+    ``LmnetV1Quantize(num_classes=10, in_channels=1, weight_quantizer=...)``.
+    """
+    return get_model_builder(name)(**kwargs)
