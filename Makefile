@@ -14,11 +14,8 @@ CMAKE_BUILD_DIR ?= build-cmake
 SANITIZE_BUILD_DIR ?= build-sanitize
 PYTEST_ARGS ?=
 
-# The CUDA toolkit: the folder above nvcc's bin/ (setup.py builds the CUDA
-# kernels when torch is a CUDA build and this is set).
-CUDA_HOME ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
-	elif command -v nvcc >/dev/null; then dirname "$$(dirname "$$(command -v nvcc)")"; fi)
-export CUDA_HOME
+# The CUDA toolkit: setup.py and scripts/cmake_cuda_args.py find it
+# (scripts/cuda_toolkit.py); set CUDA_HOME to choose another.
 # No GPU is visible at build time here: name the architectures (9.0 is the H200).
 TORCH_CUDA_ARCH_LIST ?= 8.0;8.9;9.0+PTX
 export TORCH_CUDA_ARCH_LIST
@@ -35,7 +32,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): $(PY) requirements-dev.txt
+$(DEPS_STAMP): $(PY) requirements-dev.txt $(wildcard requirements/*.txt)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "torch==$(TORCH_VERSION)" -r requirements-dev.txt
 	touch $@

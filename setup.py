@@ -3,38 +3,70 @@
 Environment:
   FORCE_CUDA=1   a missing CUDA toolkit or a CPU-only torch is an error
   FORCE_CUDA=0   build the CPU kernels only
-  (unset)        build the CUDA kernels when torch is a CUDA build and nvcc is found
+  (unset)        build the CUDA kernels when torch is a CUDA build and a CUDA toolkit is found
+  CUDA_HOME      the CUDA toolkit (the folder of bin/nvcc and lib64/libcudart.so); when unset,
+                 scripts/cuda_toolkit.py finds it (nvcc on PATH, wrappers resolved; /usr/local/cuda)
   DEBUG=1        -O0 -g
   TORCH_CUDA_ARCH_LIST  the GPU architectures; when unset and no GPU is
                  visible, DEFAULT_CUDA_ARCH_LIST below (it includes 9.0, the H200)
 """
 
 import glob
+import importlib.util
 import os
+import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pip's isolated build environment has no torch
+    sys.exit(
+        f"torch_ext: torch is not importable in this build environment ({exc}); install torch first, then "
+        "build against it with: pip install --no-build-isolation ."
+    )
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Ampere (8.0), Ada (8.9) and Hopper (9.0); +PTX lets newer GPUs JIT the 9.0 code.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.9;9.0+PTX"
 
 
+def _cuda_toolkit():
+    spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(ROOT, "scripts", "cuda_toolkit.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def want_cuda() -> bool:
+    """Whether to build the CUDA kernels; finds the toolkit (scripts/cuda_toolkit.py) and tells torch."""
     force = os.environ.get("FORCE_CUDA")
-    have = torch.version.cuda is not None and CUDA_HOME is not None
-    if force == "1":
-        if not have:
-            raise RuntimeError(
-                f"FORCE_CUDA=1 but CUDA cannot be built: torch.version.cuda={torch.version.cuda!r}, "
-                f"CUDA_HOME={CUDA_HOME!r}"
-            )
-        return True
     if force == "0":
         return False
-    return have
+    if torch.version.cuda is None:
+        if force == "1":
+            sys.exit(f"torch_ext: FORCE_CUDA=1 but torch {torch.__version__} is a CPU build")
+        return False
+    toolkit = _cuda_toolkit()
+    try:
+        folder, how = toolkit.find_cuda_home()
+    except toolkit.ToolkitError as exc:
+        # A CUDA_HOME that was set but is wrong, or FORCE_CUDA=1: stop. Else build for the CPU only.
+        if force == "1" or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+            sys.exit(f"torch_ext: {exc}")
+        print(f"torch_ext: building the CPU kernels only: {exc}", file=sys.stderr)
+        return False
+    # torch's own guess may be another folder (a wrapper nvcc's parent): use the one checked here.
+    cpp_extension.CUDA_HOME = folder
+    os.environ["CUDA_HOME"] = folder
+    print(f"torch_ext: CUDA toolkit {folder} ({how})", file=sys.stderr)
+    return True
+
+
+def _requirements(name: str):
+    with open(os.path.join(ROOT, "requirements", f"{name}.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
 def extensions():
@@ -56,7 +88,7 @@ def extensions():
         # -fmad=false and no --use_fast_math: correctly rounded steps, as on the CPU.
         nvcc = opt + ["-fmad=false", "-lineinfo"]
         return [
-            CUDAExtension(
+            cpp_extension.CUDAExtension(
                 "torch_ext._C",
                 sources,
                 include_dirs=include_dirs,
@@ -65,7 +97,7 @@ def extensions():
             )
         ]
     return [
-        CppExtension(
+        cpp_extension.CppExtension(
             "torch_ext._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}, extra_link_args=link
         )
     ]
@@ -80,7 +112,12 @@ setup(
     # The extension is compiled against this torch's C++ ABI: the same minor release is required.
     install_requires=[f"torch=={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}.*"],
     ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    extras_require={
+        "train": _requirements("train"),
+        "onnx": _requirements("onnx"),
+        "test": _requirements("test") + _requirements("train") + _requirements("onnx"),
+    },
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:cli", "torch-ext-bench=torch_ext.bench:main"]},
     zip_safe=False,
 )

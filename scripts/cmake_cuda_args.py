@@ -9,9 +9,12 @@ toolkit and a pip-installed CUDA torch, nvrtc lives in site-packages
 
 import glob
 import os
-import shutil
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_toolkit import ToolkitError, find_cuda_home  # noqa: E402  (this folder's module)
 
 
 def main() -> None:
@@ -19,10 +22,10 @@ def main() -> None:
         print("-DTORCH_EXT_CUDA=OFF")
         return
     args = []
-    cuda_home = os.environ.get("CUDA_HOME")
-    if not cuda_home and shutil.which("nvcc"):
-        cuda_home = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
-    if not cuda_home or not os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+    try:
+        cuda_home, _ = find_cuda_home()
+    except ToolkitError as exc:
+        print(f"cmake_cuda_args: building the C++ library without CUDA: {exc}", file=sys.stderr)
         print("-DTORCH_EXT_CUDA=OFF")
         return
     args += [f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}", f"-DCMAKE_CUDA_COMPILER={cuda_home}/bin/nvcc"]

@@ -206,6 +206,19 @@ def _replace_inplace_quantizers(ep: "torch.export.ExportedProgram") -> None:
 # Export.
 
 
+def _require(fn: str, *modules: str) -> None:
+    """Import the optional ``modules`` now, or raise an ImportError that names the extra to install."""
+    import importlib
+
+    from ._extras import missing_extra
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"{fn}: {missing_extra(exc) or exc}", name=exc.name) from exc
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: Inputs,
@@ -250,13 +263,7 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_onnx: model must be a torch.nn.Module, got {type(model).__name__}")
     args = _as_tuple(example_inputs)
-    for missing in ("onnx", "onnxscript"):
-        try:
-            __import__(missing)
-        except ImportError as exc:
-            raise ImportError(
-                f"export_onnx needs the {missing!r} package: pip install onnx onnxscript onnxruntime"
-            ) from exc
+    _require("export_onnx", "onnx", "onnxscript")
 
     export_model = copy.deepcopy(model).eval()
     if fold_weights:
@@ -385,6 +392,7 @@ def run_onnx(
             the model does not take (naming the input, what it expects and
             what it got).
     """
+    _require("run_onnx", "onnxruntime")
     import onnxruntime as ort
 
     if hasattr(model, "model_proto"):  # torch.onnx.ONNXProgram

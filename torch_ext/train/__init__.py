@@ -41,20 +41,47 @@ The package's parts:
 * :mod:`.report`: progress, code histograms, the training plot.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint_atomic
-from .config import MODELS, TrainConfig, build_model, build_parser, parse_config
-from .run import cli, main, model_from_checkpoint
+from __future__ import annotations
 
-__all__ = [
-    "MODELS",
-    "CheckpointError",
-    "TrainConfig",
-    "build_model",
-    "build_parser",
-    "cli",
-    "load_checkpoint",
-    "main",
-    "model_from_checkpoint",
-    "parse_config",
-    "save_checkpoint_atomic",
-]
+import importlib
+import sys
+from typing import Any, Optional, Sequence
+
+from .._extras import missing_extra
+
+# Where each public name lives. They are imported on first use, so that a
+# missing optional dependency (the 'train' extra) reaches cli() as a clear
+# one-line error instead of failing this package's import.
+_PUBLIC = {
+    "CheckpointError": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint_atomic": "checkpoint",
+    "MODELS": "config",
+    "TrainConfig": "config",
+    "build_model": "config",
+    "build_parser": "config",
+    "parse_config": "config",
+    "main": "run",
+    "model_from_checkpoint": "run",
+}
+
+__all__ = sorted([*_PUBLIC, "cli"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point (``torch-ext-train``, ``python -m torch_ext.train``); returns the exit status."""
+    try:
+        from .run import cli as run_cli
+    except ImportError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print(f"python -m torch_ext.train: error: {message}", file=sys.stderr)
+        return 2
+    return run_cli(argv)

@@ -2,6 +2,6 @@
 
 import sys
 
-from .run import cli
+from . import cli
 
 sys.exit(cli())

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as data_module
+from .._extras import missing_extra
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -402,6 +403,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         main(argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"python -m torch_ext.train: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        print(f"python -m torch_ext.train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
