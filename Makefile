@@ -19,9 +19,8 @@ PYTEST_ARGS ?=
 CUDA_HOME ?= $(shell if [ -x /usr/local/cuda/bin/nvcc ]; then echo /usr/local/cuda; \
 	elif command -v nvcc >/dev/null; then dirname "$$(dirname "$$(command -v nvcc)")"; fi)
 export CUDA_HOME
-# No GPU is visible at build time here: name the architectures (9.0 is the H200).
-TORCH_CUDA_ARCH_LIST ?= 8.0;8.9;9.0+PTX
-export TORCH_CUDA_ARCH_LIST
+# The GPU architectures: TORCH_CUDA_ARCH_LIST from the environment if set,
+# else setup.py's DEFAULT_CUDA_ARCH_LIST (CMakeLists.txt reads it there too).
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
