@@ -160,8 +160,12 @@ step_sanitizer() {  # step_sanitizer TOOL BUDGET
   fi
   echo "$sanitizer --tool $tool, caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)"
   log=$(mktemp)
+  # --report-api-errors no: torch probes the runtime with calls that fail by
+  # design; the device-side findings stay fatal (--error-exitcode).
+  # --launch-timeout 0: importing torch may take longer than the default 10 s
+  # before the first CUDA call; the step's own timeout bounds the wait.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 10 "$limit" "$sanitizer" --tool "$tool" \
-    --error-exitcode 1 --report-api-errors no \
+    --error-exitcode 1 --report-api-errors no --launch-timeout 0 \
     "$PY" -m pytest tests/test_cuda.py -m sanitize -v -rs -p no:cacheprovider \
     --junitxml="$OUT/$tool.xml" $(pytest_timeout_args 60) 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
@@ -216,7 +220,7 @@ step_catch2() {
   "$build/tests/cpp/test_torch_ext_cuda" || return 1
   local sanitizer
   if sanitizer=$(find_sanitizer); then
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --report-api-errors no \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 --report-api-errors no --launch-timeout 0 \
       "$build/tests/cpp/test_torch_ext_cuda"
     rc=$?
     return $rc
@@ -281,7 +285,8 @@ EOF
   # Only the visible GPU's architecture: the fastest build.
   TORCH_CUDA_ARCH_LIST=$(echo "$info" | sed -n 's/^ARCH=//p')
   local found
-  if ! found=$(find_cuda 2>>"$OUT/summary.txt"); then
+  if ! found=$(find_cuda 2>"$WORK/find_cuda.txt"); then
+    tee -a "$OUT/summary.txt" < "$WORK/find_cuda.txt"
     say "gpu_check: FAILED: no CUDA toolkit found (see above)"
     exit 2
   fi
