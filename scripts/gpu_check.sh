@@ -153,11 +153,11 @@ step_pytest() {
 
 step_sanitizer() {  # step_sanitizer TOOL BUDGET
   local tool=$1 limit=$(($2 - 12)) sanitizer rc log
-  check_built || return 1
   if ! sanitizer=$(find_sanitizer); then
     echo "UNSUPPORTED: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin)"
     return $UNSUPPORTED
   fi
+  check_built || return 1
   echo "$sanitizer --tool $tool, caching allocator off (PYTORCH_NO_CUDA_MEMORY_CACHING=1)"
   log=$(mktemp)
   # --report-api-errors no: torch probes the runtime with calls that fail by
@@ -314,10 +314,23 @@ run_step() {
     124 | 137) verdict="FAILED (killed at its budget of $budget s)"; failed+=("$name") ;;
     *) verdict="FAILED (rc=$rc)"; failed+=("$name") ;;
   esac
-  # The step's last lines (check_junit verdicts, summaries) into the summary.
-  sed -n "/^===== $name (/,\$p" "$LOG" | tail -n +2 | grep -E "^check_junit|^  (failed|error|skipped)|UNSUPPORTED|ERROR SUMMARY|RACECHECK SUMMARY|^built:|^bench.json:|^test accuracy|stopped at its limit|Error|error:|passed|failed" \
-    | tail -n 12 | sed 's/^/    /' | tee -a "$OUT/summary.txt" >/dev/null
+  digest "$name" "$rc" | sed 's/^/    /' | tee -a "$OUT/summary.txt"
   say "    $verdict  $((SECONDS - t0)) s"
+}
+
+digest() {  # digest STEP RC: the lines of the step's log worth reading in summary.txt
+  local lines
+  lines=$(awk -v head="===== $1 (" 'index($0, head) == 1 { on = 1; next } /^===== / { on = 0 } on' "$LOG")
+  {
+    # Verdicts and totals: check_junit, pytest's last line, the sanitizer's summary, ...
+    grep -E "^check_junit|^=+ .*(passed|failed|error|skipped).* in [0-9.]+s|ERROR SUMMARY|RACECHECK SUMMARY|UNSUPPORTED|^built:|^bench.json:|^test accuracy|stopped at its limit" <<< "$lines" | tail -n 4
+    # The first few failures and refused skips.
+    grep -E "^  (failed|error|skipped, not allowed|fewer than)" <<< "$lines" | head -n 6
+    # A failed step with nothing above: its last lines (an exception, the build's last command).
+    if [ "$2" -ne 0 ] && ! grep -q -E "^check_junit|UNSUPPORTED" <<< "$lines"; then
+      tail -n 3 <<< "$lines" | cut -c 1-300
+    fi
+  } | awk '!seen[$0]++' | cut -c 1-300
 }
 
 main() {

@@ -111,6 +111,53 @@ def test_dry_run_without_gpu_fails_fast_and_says_why(tmp_path):
     assert "=== build" not in summary
 
 
+#: A sitecustomize that makes torch report one GPU: enough for the preflight
+#: to pass, so that the orchestration after it runs here (no kernel can run).
+FAKE_GPU_SITECUSTOMIZE = """
+import torch.cuda as cuda
+cuda.is_available = lambda: True
+cuda.device_count = lambda: 1
+cuda.get_device_capability = lambda device=None: (9, 0)
+cuda.get_device_name = lambda device=None: "a pretended GPU"
+class _Properties:
+    total_memory = 141 * 2**30
+cuda.get_device_properties = lambda device=None: _Properties()
+"""
+
+
+def _has_toolkit() -> bool:
+    return run_script("--find-cuda").returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: no need to pretend one")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is not None, reason="compute-sanitizer is installed here")
+def test_a_step_that_cannot_run_makes_the_check_incomplete_not_passed(tmp_path):
+    """With a GPU pretended (torch.cuda patched in a sitecustomize), the
+    preflight passes and the memcheck step runs: with no compute-sanitizer it
+    is UNSUPPORTED, and the check ends INCOMPLETE (exit 3), never PASSED."""
+    if not _has_toolkit():
+        pytest.skip("no CUDA toolkit here: the preflight would stop first")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "cuda" not in p)
+    out = tmp_path / "out"
+    r = run_script(str(out), "memcheck", env=env, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "GPU 0: a pretended GPU, capability 9.0" in summary
+    assert "TORCH_CUDA_ARCH_LIST=9.0 (the visible GPU only)" in summary
+    assert re.search(r"^CUDA toolkit: /\S+ \(", summary, re.MULTILINE)
+    assert f"=== memcheck (budget {header_steps()['memcheck'][0]} s)" in summary
+    assert "UNSUPPORTED: compute-sanitizer not found" in summary
+    assert summary.rstrip().splitlines()[-1].startswith(
+        "gpu_check: INCOMPLETE: everything that ran passed; could not run here: memcheck"
+    )
+    assert "=== build" not in summary, "a step that was not asked for ran"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "summary.txt"]
+
+
 # --------------------------------------------------------------------------
 # The CUDA toolkit behind an nvcc wrapper script.
 
