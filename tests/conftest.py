@@ -106,8 +106,10 @@ DEVICES = ("cpu",) + (("cuda",) if HAS_CUDA else ())
 def _has_triton() -> bool:
     try:
         from torch.utils._triton import has_triton_package
-    except ImportError:  # pragma: no cover - torch without the helper
-        return False
+    except ImportError:  # pragma: no cover - a torch without the helper
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
     return has_triton_package()
 
 
