@@ -355,3 +355,36 @@ def test_check_junit_refuses_pytests_own_junit_of_the_cuda_tests_here(tmp_path):
     assert "1 skipped (allowed: multi-GPU)" in r.stdout
     assert "skipped, allowed: tests.test_cuda::test_second_gpu_while_the_first_is_current: needs two GPUs" in r.stdout
     assert "skipped, not allowed: ... and " in r.stdout
+
+
+# --------------------------------------------------------------------------
+# Without Triton: the CUDA compile test skips with its reason; inductor's CPU
+# path (the CPU compile tests) needs no Triton.
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # importing triton now fails, as where it is not installed
+sys.path.insert(0, sys.argv[1])
+import torch
+import conftest
+import test_cuda
+assert conftest.HAS_TRITON is False
+marks = [m for m in test_cuda.test_compile_fullgraph_on_cuda.pytestmark if m.name == "skipif"]
+assert any(m.args[0] is True and "needs Triton" in m.kwargs["reason"] for m in marks), marks
+import torch_ext
+fn = torch.compile(lambda x: torch_ext.linear_mid_tread_half_quantize(x * 1.0, 3, 1.5) * 2.0, fullgraph=True)
+x = torch.linspace(-1.0, 3.0, 101, requires_grad=True)
+fn(x).sum().backward()
+expected = torch_ext.linear_mid_tread_half_quantize(x.detach(), 3, 1.5) * 2.0
+assert torch.equal(fn(x.detach()), expected)
+print("ok")
+"""
+
+
+def test_without_triton_the_cuda_compile_test_skips_and_cpu_inductor_still_compiles():
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON, str(ROOT / "tests")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
