@@ -330,6 +330,29 @@ def test_check_junit_fails_on_failures_errors_and_too_few_tests(tmp_path):
     assert check_junit(tmp_path, junit(passed("a"), passed("b")), "--min-tests", "2").returncode == 0
 
 
+def test_check_junit_fails_on_pytests_junit_of_an_interrupted_run(tmp_path):
+    """gpu_check.sh stops pytest with SIGINT at its limit, so that the JUnit
+    file is still written; the test it interrupted must not count as passed."""
+    (tmp_path / "test_interrupted.py").write_text(
+        "import os, signal, time\n"
+        "def test_before(): pass\n"
+        "def test_interrupted():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "def test_after(): pass\n"
+    )
+    xml = tmp_path / "interrupted.xml"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "test_interrupted.py"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert run.returncode == 2, run.stdout  # pytest's "interrupted"
+    assert xml.exists(), "pytest wrote no JUnit file when interrupted"
+    r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(xml)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout
+    assert "1 passed" in r.stdout and "interrupted inside a test" in r.stdout
+
+
 def test_check_junit_fails_on_a_missing_or_broken_file(tmp_path):
     r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(tmp_path / "none.xml")], capture_output=True, text=True)
     assert r.returncode == 2 and "no such file" in r.stdout
