@@ -4,10 +4,9 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
-
-#include <c10/core/SymInt.h>
 
 #include <cmath>
 
