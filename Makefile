@@ -16,9 +16,8 @@ PYTEST_ARGS ?=
 
 # The CUDA toolkit: setup.py and scripts/cmake_cuda_args.py find it
 # (scripts/cuda_toolkit.py); set CUDA_HOME to choose another.
-# No GPU is visible at build time here: name the architectures (9.0 is the H200).
-TORCH_CUDA_ARCH_LIST ?= 8.0;8.9;9.0+PTX
-export TORCH_CUDA_ARCH_LIST
+# The GPU architectures: TORCH_CUDA_ARCH_LIST from the environment if set,
+# else setup.py's DEFAULT_CUDA_ARCH_LIST (CMakeLists.txt reads it there too).
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 

@@ -8,7 +8,8 @@ Environment:
                  scripts/cuda_toolkit.py finds it (nvcc on PATH, wrappers resolved; /usr/local/cuda)
   DEBUG=1        -O0 -g
   TORCH_CUDA_ARCH_LIST  the GPU architectures; when unset and no GPU is
-                 visible, DEFAULT_CUDA_ARCH_LIST below (it includes 9.0, the H200)
+                 visible, DEFAULT_CUDA_ARCH_LIST below (it includes 9.0, the H200);
+                 when unset with a GPU visible, torch builds for the visible GPUs
 """
 
 import glob
@@ -29,6 +30,8 @@ except ImportError as exc:  # pip's isolated build environment has no torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Ampere (8.0), Ada (8.9) and Hopper (9.0); +PTX lets newer GPUs JIT the 9.0 code.
+# The one place the default is written: CMakeLists.txt reads this line, and
+# the Makefile leaves TORCH_CUDA_ARCH_LIST to the environment.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.9;9.0+PTX"
 
 

@@ -5,10 +5,10 @@
 //
 // Only the 1-bit packed mask `0 < x < m` is saved for backward: 1/8 byte an
 // element, never a copy of x.
+#include "torch_ext/layouts.h"
 #include "torch_ext/torch_ext.h"
 
 #include <ATen/core/grad_mode.h>
-#include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
@@ -65,10 +65,7 @@ class LinearMidTreadHalfQuantizeInplace
 void check_inplace_allowed(const at::Tensor& x) {
   // Checked here, above the kernels: below autograd, InferenceMode::is_enabled()
   // is true whatever the user's mode, so the kernels cannot tell.
-  TORCH_CHECK(
-      !x.is_inference() || c10::InferenceMode::is_enabled(),
-      "linear_mid_tread_half_quantize_: Inplace update to inference tensor outside InferenceMode is not "
-      "allowed. You can make a clone to get a normal tensor before doing inplace update.");
+  layouts::check_inference_tensor_writable(x);
   // ATen's own check, as every in-place ATen op makes it (leaves, views of
   // leaves, views that cannot be rebased).
   torch::autograd::check_inplace(x, at::GradMode::is_enabled() && x.requires_grad());

@@ -4,6 +4,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/ScalarType.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -23,6 +24,25 @@ void check_max_value(double max_value) {
       "linear_mid_tread_half_quantize: max_value must be finite and > 0, got max_value=", max_value);
 }
 
+void check_max_value(double max_value, at::ScalarType dtype) {
+  check_max_value(max_value);
+  if (dtype == at::kDouble) {
+    return;  // the compute type is float64 itself: every finite max_value > 0 is exact
+  }
+  // The compute type is float32 (docs/quantizer.md: m = T(max_value)). Decided
+  // on the double itself, with no out-of-range conversion: float32 rounds to
+  // nearest even, so max_value rounds to 0 up to and including half the
+  // smallest subnormal (2^-150), and to infinity from half an ulp above
+  // FLT_MAX (2^128 - 2^103) on.
+  constexpr double kRoundsToZero = 0x1p-150;
+  constexpr double kRoundsToInf = 0x1.ffffffp+127;
+  TORCH_CHECK_VALUE(
+      max_value > kRoundsToZero && max_value < kRoundsToInf,
+      "linear_mid_tread_half_quantize: max_value=", max_value, " rounds to ",
+      max_value <= kRoundsToZero ? "0" : "infinity", " in float32, the compute type of x of dtype ", dtype,
+      " (max_value must round to a finite float32 > 0: from about 1.4e-45 to 3.4028235e+38)");
+}
+
 void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value) {
   check_bit(bit);
   check_max_value(max_value);
@@ -30,9 +50,12 @@ void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_valu
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       "linear_mid_tread_half_quantize: x must be a floating-point tensor "
       "(float16, bfloat16, float32 or float64), got x of dtype ", dtype);
+  check_max_value(max_value, dtype);
 }
 
 void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask) {
+  // Sizes are read as SymInts, so that the fake kernel (torch_ext/_meta.py)
+  // can run this very check while tracing with dynamic shapes.
   const auto dtype = grad_y.scalar_type();
   TORCH_CHECK_TYPE(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -42,11 +65,12 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask) 
       mask.scalar_type() == at::kByte,
       "linear_mid_tread_half_quantize_backward: mask must be a uint8 tensor, got mask of dtype ",
       mask.scalar_type());
+  const c10::SymInt numel = grad_y.sym_numel();
+  const c10::SymInt bytes = (numel + 7) / 8;  // mask_numel
   TORCH_CHECK_VALUE(
-      mask.dim() == 1 && mask.numel() == mask_numel(grad_y.numel()),
-      "linear_mid_tread_half_quantize_backward: mask must have shape [", mask_numel(grad_y.numel()),
-      "] (8 elements of grad_y of ", grad_y.numel(), " elements a byte), got mask of shape ",
-      mask.sizes());
+      mask.dim() == 1 && mask.sym_numel().sym_eq(bytes).expect_true(__FILE__, __LINE__),
+      "linear_mid_tread_half_quantize_backward: mask must have shape [", bytes,
+      "] (8 elements of grad_y of ", numel, " elements a byte), got mask of shape ", mask.sym_sizes());
   TORCH_CHECK_VALUE(
       mask.device() == grad_y.device(),
       "linear_mid_tread_half_quantize_backward: mask and grad_y must be on the same device, got mask on ",

@@ -6,6 +6,8 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
+#include <optional>
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torch_ext: Blueoil's linear mid-tread half quantizer as PyTorch operators";
   m.def(
@@ -28,12 +30,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("bit"));
   m.def(
       "check_max_value",
-      [](double max_value) {
+      [](double max_value, std::optional<at::ScalarType> dtype) {
+        // With a dtype, also refused where it rounds to 0 or inf in x's compute type.
         HANDLE_TH_ERRORS
-        torch_ext::check_max_value(max_value);
+        if (dtype.has_value()) {
+          torch_ext::check_max_value(max_value, *dtype);
+        } else {
+          torch_ext::check_max_value(max_value);
+        }
         END_HANDLE_TH_ERRORS_PYBIND
       },
-      pybind11::arg("max_value"));
+      pybind11::arg("max_value"), pybind11::arg("dtype") = pybind11::none());
+  m.def(
+      "check_backward_arguments",
+      [](const at::Tensor& grad_y, const at::Tensor& mask) {
+        // The fake backward calls this: the real kernels' own check.
+        HANDLE_TH_ERRORS
+        torch_ext::check_backward_arguments(grad_y, mask);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      pybind11::arg("grad_y"), pybind11::arg("mask"));
   m.def(
       "check_inplace_allowed",
       [](const at::Tensor& x) {

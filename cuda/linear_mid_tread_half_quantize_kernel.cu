@@ -14,12 +14,16 @@
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <type_traits>
 
 namespace torch_ext {
@@ -37,31 +41,25 @@ using bits_t = std::conditional_t<
     sizeof(scalar_t) == 2, uint16_t,
     std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
 
-// 8 elements as whole uint4 words.
+// 8 elements, as the bits of each.
 template <typename scalar_t>
 struct alignas(16) Group {
-  static constexpr int kWords = kGroup * sizeof(scalar_t) / sizeof(uint4);
   bits_t<scalar_t> v[kGroup];
 };
 
+// 16, 32 or 64 bytes between global memory and a Group, punned with memcpy
+// (the defined way; never a uint4 lvalue over the array): with the pointer
+// known to be 16-byte aligned, nvcc emits 128-bit loads and stores
+// (ld.global.v4.u32 / v2.u64). __builtin_assume_aligned takes a void
+// pointer here: given a typed one, nvcc 13.0's front end emits invalid IR.
 template <typename scalar_t>
 __device__ __forceinline__ void load_group(const scalar_t* src, Group<scalar_t>& g) {
-  const uint4* s = reinterpret_cast<const uint4*>(src);
-  uint4* d = reinterpret_cast<uint4*>(g.v);
-#pragma unroll
-  for (int w = 0; w < Group<scalar_t>::kWords; ++w) {
-    d[w] = s[w];
-  }
+  memcpy(g.v, __builtin_assume_aligned(static_cast<const void*>(src), 16), sizeof(g.v));
 }
 
 template <typename scalar_t>
 __device__ __forceinline__ void store_group(scalar_t* dst, const Group<scalar_t>& g) {
-  const uint4* s = reinterpret_cast<const uint4*>(g.v);
-  uint4* d = reinterpret_cast<uint4*>(dst);
-#pragma unroll
-  for (int w = 0; w < Group<scalar_t>::kWords; ++w) {
-    d[w] = s[w];
-  }
+  memcpy(__builtin_assume_aligned(static_cast<void*>(dst), 16), g.v, sizeof(g.v));
 }
 
 template <typename scalar_t>
@@ -164,18 +162,34 @@ bool aligned16(const void* a, const void* b) {
   return reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0;
 }
 
-int64_t grid_for(int64_t numel) {
+// Blocks that fit on the device at once (multiprocessors x blocks a
+// multiprocessor holds), asked of the runtime once per device and cached:
+// not three runtime calls on every launch. Only the runtime's attribute
+// queries: ATen/cuda/CUDAContext.h would pull in cuBLAS and cuSPARSE headers
+// that a minimal toolkit does not have.
+int64_t resident_blocks(c10::DeviceIndex device) {
+  static std::array<std::once_flag, C10_COMPILE_TIME_MAX_GPUS> once;
+  static std::array<int64_t, C10_COMPILE_TIME_MAX_GPUS> blocks;
+  TORCH_CHECK(
+      device >= 0 && device < C10_COMPILE_TIME_MAX_GPUS,
+      "linear_mid_tread_half_quantize: CUDA device index ", static_cast<int>(device), " out of range");
+  // call_once: one thread fills the entry, the others wait for it; a throw
+  // leaves it unfilled for the next call.
+  std::call_once(once[device], [device] {
+    int sms = 0;
+    int threads_per_sm = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+    blocks[device] = static_cast<int64_t>(sms) * std::max(1, threads_per_sm / kThreads);
+  });
+  return blocks[device];
+}
+
+// The grid of a launch over numel elements on `device`: one thread an
+// 8-element group, capped at what is resident (the kernels stride the grid).
+int64_t grid_for(int64_t numel, c10::DeviceIndex device) {
   const int64_t groups = (numel + kGroup - 1) / kGroup;
-  // Only the runtime's attribute queries: ATen/cuda/CUDAContext.h would pull
-  // in cuBLAS and cuSPARSE headers that a minimal toolkit does not have.
-  int device = 0;
-  int sms = 0;
-  int threads_per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  const int64_t resident = static_cast<int64_t>(sms) * std::max(1, threads_per_sm / kThreads);
-  return std::max<int64_t>(1, std::min<int64_t>((groups + kThreads - 1) / kThreads, resident));
+  return std::max<int64_t>(1, std::min<int64_t>((groups + kThreads - 1) / kThreads, resident_blocks(device)));
 }
 
 struct ForwardKernel {
@@ -183,6 +197,7 @@ struct ForwardKernel {
   double max_value;
   void operator()(const at::Tensor& src, const at::Tensor& dst, uint8_t* mask) const {
     const int64_t numel = src.numel();
+    const int64_t grid = grid_for(numel, src.device().index());
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "linear_mid_tread_half_quantize_cuda", [&] {
       const auto p = formula::make_params<compute_t<scalar_t>>(bit, max_value);
@@ -190,9 +205,9 @@ struct ForwardKernel {
       scalar_t* y = static_cast<scalar_t*>(dst.data_ptr());
       const bool vectorized = aligned16(x, y);
       if (mask != nullptr) {
-        forward_kernel<scalar_t, true><<<grid_for(numel), kThreads, 0, stream>>>(x, y, mask, numel, p, vectorized);
+        forward_kernel<scalar_t, true><<<grid, kThreads, 0, stream>>>(x, y, mask, numel, p, vectorized);
       } else {
-        forward_kernel<scalar_t, false><<<grid_for(numel), kThreads, 0, stream>>>(x, y, nullptr, numel, p, vectorized);
+        forward_kernel<scalar_t, false><<<grid, kThreads, 0, stream>>>(x, y, nullptr, numel, p, vectorized);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -237,11 +252,12 @@ at::Tensor backward_cuda(const at::Tensor& grad_y, const at::Tensor& mask) {
   c10::cuda::CUDAGuard guard(grad_y.device());
   return layouts::backward(grad_y, mask, [](const at::Tensor& g, const at::Tensor& out, const uint8_t* m) {
     const int64_t numel = g.numel();
+    const int64_t grid = grid_for(numel, g.device().index());
     const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_mid_tread_half_quantize_backward_cuda", [&] {
       const scalar_t* src = static_cast<const scalar_t*>(g.const_data_ptr());
       scalar_t* dst = static_cast<scalar_t*>(out.data_ptr());
-      backward_kernel<scalar_t><<<grid_for(numel), kThreads, 0, stream>>>(src, dst, m, numel, aligned16(src, dst));
+      backward_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(src, dst, m, numel, aligned16(src, dst));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

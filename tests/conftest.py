@@ -7,7 +7,10 @@
 - hypothesis profiles: "ci" (loaded by default: a fixed, modest, derandomized
   budget) and "long" (``pytest --hypothesis-profile=long``).
 - the ``slow`` marker: tests that take long but still run by default
-  (deselect with ``-m "not slow"``).
+  (deselect with ``-m "not slow"``); the ``sanitize`` marker: the small CUDA
+  selection that scripts/gpu_check.sh runs under compute-sanitizer.
+- ``requires_cuda``, ``requires_triton``: skip, with the reason, where no
+  usable GPU or no Triton is there.
 
 Test files import the plain helpers with ``from conftest import ...`` (pytest
 puts this folder on ``sys.path``, as it has no ``__init__.py``).
@@ -53,6 +56,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "slow: takes long (minutes) but runs by default; deselect with -m 'not slow'"
     )
+    config.addinivalue_line(
+        "markers",
+        "sanitize: the small CUDA selection scripts/gpu_check.sh runs under compute-sanitizer "
+        "(select with -m sanitize)",
+    )
 
 
 #: Examples run by each property test (test_properties.py counts them).
@@ -93,6 +101,24 @@ CUDA_SKIP_REASON = (
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
 
 DEVICES = ("cpu",) + (("cuda",) if HAS_CUDA else ())
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton_package
+    except ImportError:  # pragma: no cover - a torch without the helper
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return has_triton_package()
+
+
+#: Whether Triton is installed: torch.compile's default (inductor) backend
+#: needs it for CUDA code (its CPU code is C++ and needs no Triton).
+HAS_TRITON = _has_triton()
+requires_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason="needs Triton (torch.compile's inductor backend on CUDA): triton is not installed"
+)
 
 
 @pytest.fixture(scope="session")

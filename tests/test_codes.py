@@ -6,6 +6,8 @@ output, for every dtype, bit width and rounding tie, on every device.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import BITS, DTYPES, assert_bit_exact, tie_values
@@ -150,3 +152,15 @@ def test_refuses_non_integer_codes(dtype):
 def test_refuses_non_floating_result_dtype(dtype):
     with pytest.raises(TypeError, match=r"codes_to_values: dtype must be a floating dtype"):
         codes_to_values(torch.ones(3, dtype=torch.uint8), 2, 2.0, dtype)
+
+
+@pytest.mark.parametrize("max_value", [1e-46, 1e39])
+def test_max_value_that_rounds_to_zero_or_inf_is_refused(max_value):
+    # Finite and > 0 as a double, but 0 or inf in float32 (the compute type of float32 x).
+    x = torch.rand(5)
+    with pytest.raises(ValueError, match=rf"quantize_to_codes: max_value={re.escape(f'{max_value:g}')}.*float32"):
+        quantize_to_codes(x, 2, max_value)
+    with pytest.raises(ValueError, match=r"codes_to_values: max_value="):
+        codes_to_values(torch.zeros(5, dtype=torch.uint8), 2, max_value, torch.float32)
+    # float64 computes in float64, where both values are fine.
+    assert quantize_to_codes(x.double(), 2, max_value).dtype == torch.uint8

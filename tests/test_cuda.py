@@ -31,6 +31,7 @@ from conftest import (
     assert_same_layout,
     dtype_id,
     expected_mask,
+    requires_triton,
     tie_values,
     unpack_mask,
 )
@@ -231,6 +232,115 @@ def test_odd_sizes_and_misaligned_pointers(offset):
             assert_bit_exact(xi, xi_cpu, "in place, neighbours untouched", nan_payload=False)
 
 
+# --------------------------------------------------------------------------
+# The grid-stride loop: more elements than one pass of the grid covers.
+
+#: The kernels' launch shape (cuda/linear_mid_tread_half_quantize_kernel.cu):
+#: 256 threads a block, 8 elements a thread a pass, the grid capped at the
+#: blocks resident at once.
+THREADS, GROUP = 256, 8
+#: 5 M + 3: above 2 passes of an H200's grid (132 multiprocessors x 8 blocks x
+#: 256 threads x 8 elements = 2,162,688 elements a pass), with a partial last group.
+GRID_STRIDE_NUMEL = 5_000_003
+
+
+def elements_a_grid_pass() -> int:
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return props.multi_processor_count * max(1, props.max_threads_per_multi_processor // THREADS) * THREADS * GROUP
+
+
+@pytest.mark.parametrize("offset", (0, 1), ids=("aligned", "offset1"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_grid_stride_loop_identical_to_cpu(dtype, offset):
+    """Forward, in-place forward and backward over 5 M + 3 elements, each
+    thread looping over the grid more than once; at element offset 0 (16-byte
+    aligned: the 128-bit path) and 1 (misaligned: the scalar path)."""
+    numel, bit, max_value = GRID_STRIDE_NUMEL, 3, 1.5
+    assert numel > 2 * elements_a_grid_pass(), "the grid covers this size in under 2 passes: raise GRID_STRIDE_NUMEL"
+    base = values((offset + numel,), dtype, max_value, seed=17 + offset)
+    base_cuda = base.cuda()
+    x, x_cpu = base_cuda[offset:], base[offset:]
+    assert (x.data_ptr() % 16 == 0) == (offset == 0), "the view is not (mis)aligned as intended"
+    what = f"{dtype_id(dtype)} offset={offset} numel={numel}"
+
+    y_cpu, mask_cpu = ops.linear_mid_tread_half_quantize_forward(x_cpu, bit, max_value)
+    y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+    assert_bit_exact(y, y_cpu, "forward " + what)
+    assert torch.equal(mask.cpu(), mask_cpu), "mask " + what
+    assert_bit_exact(quantize(x, bit, max_value), y_cpu, "forward without mask " + what)
+
+    # In place on the view: the elements before it are left alone.
+    xi = base_cuda.clone()
+    mask_ = ops.linear_mid_tread_half_quantize_forward_(xi[offset:], bit, max_value)
+    assert_bit_exact(xi[offset:], y_cpu, "in-place forward " + what)
+    assert_bit_exact(xi[:offset], base[:offset], "in place: the element before the view " + what)
+    assert torch.equal(mask_.cpu(), mask_cpu), "in-place mask " + what
+    xi = base_cuda.clone()
+    quantize_(xi[offset:], bit, max_value)
+    assert_bit_exact(xi[offset:], y_cpu, "in place without mask " + what)
+    assert_bit_exact(xi[:offset], base[:offset], "in place without mask: the element before the view " + what)
+    del xi
+
+    # Backward, grad_y at the same offset (inf, NaN and -0.0 in it).
+    g_base = grads_like(base)
+    g_cpu = g_base[offset:]
+    g = g_base.cuda()[offset:]
+    assert_bit_exact(
+        ops.linear_mid_tread_half_quantize_backward(g, mask),
+        ops.linear_mid_tread_half_quantize_backward(g_cpu, mask_cpu),
+        "backward " + what,
+    )
+    leaf = x.clone().requires_grad_()
+    quantize(leaf, bit, max_value).backward(g)
+    assert_bit_exact(leaf.grad, ops.linear_mid_tread_half_quantize_backward(g_cpu, mask_cpu), "autograd " + what)
+
+
+@pytest.mark.sanitize
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_sanitizer_workload(dtype):
+    """Every kernel, aligned and misaligned, at sizes around the 8-element
+    groups and just above one grid pass: the selection scripts/gpu_check.sh
+    runs under compute-sanitizer (memcheck, racecheck), small enough for it."""
+    sizes = (1, 7, 9, 4097, elements_a_grid_pass() + 11)
+    base = values((max(sizes) + 1,), dtype, 2.0, seed=23)
+    base_cuda = base.cuda()
+    g_base = grads_like(base)
+    g_base_cuda = g_base.cuda()
+    for offset in (0, 1):
+        for size in sizes:
+            what = f"{dtype_id(dtype)} offset={offset} size={size}"
+            x, x_cpu = base_cuda[offset : offset + size], base[offset : offset + size]
+            y_cpu, mask_cpu = ops.linear_mid_tread_half_quantize_forward(x_cpu, 4, 2.0)
+            y, mask = ops.linear_mid_tread_half_quantize_forward(x, 4, 2.0)
+            assert_bit_exact(y, y_cpu, what)
+            assert torch.equal(mask.cpu(), mask_cpu), what
+            assert_bit_exact(quantize(x, 4, 2.0), y_cpu, what)
+            xi = base_cuda.clone()
+            mask_ = ops.linear_mid_tread_half_quantize_forward_(xi[offset : offset + size], 4, 2.0)
+            assert_bit_exact(xi[offset : offset + size], y_cpu, "in-place forward " + what)
+            assert torch.equal(mask_.cpu(), mask_cpu), what
+            xi = base_cuda.clone()
+            quantize_(xi[offset : offset + size], 4, 2.0)
+            assert_bit_exact(xi[offset : offset + size], y_cpu, "in place " + what)
+            g = g_base_cuda[offset : offset + size]
+            assert_bit_exact(
+                ops.linear_mid_tread_half_quantize_backward(g, mask),
+                ops.linear_mid_tread_half_quantize_backward(g_base[offset : offset + size], mask_cpu),
+                "backward " + what,
+            )
+
+
+def test_launch_configuration_is_per_device():
+    """The launch configuration is cached per device (not asked of the
+    runtime on every launch): calls on every visible device, in both orders,
+    still give the CPU's results."""
+    x = values((3 * elements_a_grid_pass() + 5,), torch.float32, 2.0, seed=29)
+    y_cpu = quantize(x, 2, 2.0)
+    order = list(range(torch.cuda.device_count()))
+    for device in order + order[::-1]:
+        assert_bit_exact(quantize(x.to(f"cuda:{device}"), 2, 2.0), y_cpu, f"cuda:{device}")
+
+
 def test_empty_and_zero_dim():
     for dtype in DTYPES:
         for shape in ((), (0,), (3, 0, 2)):
@@ -393,6 +503,7 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(ops.linear_mid_tread_half_quantize_backward.default, (torch.ones_like(x), mask))
 
 
+@requires_triton
 def test_compile_fullgraph_on_cuda():
     torch._dynamo.reset()
     module = torch_ext.QuantActivation(4, 1.0 / 3.0)

@@ -531,6 +531,68 @@ def test_backward_op_refuses_bad_arguments():
         ops.linear_mid_tread_half_quantize_backward(g, torch.zeros(1, 2, dtype=torch.uint8))
 
 
+def _fake_backward_cases():
+    g = torch.ones(10)
+    mask = torch.zeros(2, dtype=torch.uint8)
+    return {
+        "int32 grad_y": (g.int(), mask),
+        "int64 grad_y": (g.long(), mask),
+        "int32 mask": (g, mask.int()),
+        "bool mask": (g, mask.bool()),
+        "mask too long": (g, torch.zeros(3, dtype=torch.uint8)),
+        "mask too short": (g, torch.zeros(1, dtype=torch.uint8)),
+        "2-d mask": (g, torch.zeros(1, 2, dtype=torch.uint8)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fake_backward_cases()))
+def test_fake_backward_refuses_exactly_what_the_kernel_refuses(case):
+    """The fake backward calls the kernels' own C++ check (through _C): the
+    same exception type and message under FakeTensorMode as in eager."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grad_y, mask = _fake_backward_cases()[case]
+    with pytest.raises((TypeError, ValueError)) as eager:
+        ops.linear_mid_tread_half_quantize_backward(grad_y, mask)
+    with FakeTensorMode() as mode:
+        fake_grad_y, fake_mask = mode.from_tensor(grad_y), mode.from_tensor(mask)
+        with pytest.raises(type(eager.value)) as fake:
+            ops.linear_mid_tread_half_quantize_backward(fake_grad_y, fake_mask)
+    assert str(fake.value) == str(eager.value)
+
+
+def test_fake_backward_refuses_a_mask_on_another_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grad_y = torch.ones(10)
+    mask = torch.zeros(2, dtype=torch.uint8, device="meta")
+    with FakeTensorMode() as mode:
+        fake_grad_y, fake_mask = mode.from_tensor(grad_y), mode.from_tensor(mask)
+        assert fake_mask.device.type == "meta" and fake_grad_y.device.type == "cpu"
+        with pytest.raises(ValueError, match=r"mask and grad_y must be on the same device, got mask on meta and grad_y on cpu"):
+            ops.linear_mid_tread_half_quantize_backward(fake_grad_y, fake_mask)
+
+
+def test_compile_tracing_refuses_an_int_grad_y():
+    """torch.compile refuses an int32 grad_y while tracing (fake tensors),
+    before any backend or kernel runs."""
+    torch._dynamo.reset()
+    compiled_graphs = []
+
+    def backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda g, m: ops.linear_mid_tread_half_quantize_backward(g, m), backend=backend, fullgraph=True)
+    with pytest.raises(Exception, match=r"grad_y must be a floating-point tensor .* got grad_y of dtype Int"):
+        fn(torch.ones(10, dtype=torch.int32), torch.zeros(2, dtype=torch.uint8))
+    assert compiled_graphs == [], "the graph reached the backend"
+    # A valid call traces and runs.
+    g = torch.arange(10, dtype=torch.float32)
+    assert torch.equal(fn(g, torch.full((2,), 0xFF, dtype=torch.uint8)), g)
+    assert len(compiled_graphs) == 1
+
+
 def test_kernel_ops_are_not_differentiable_themselves():
     x = random_values((20,), torch.float32).requires_grad_()
     y, mask = ops.linear_mid_tread_half_quantize_forward(x, 2, 2.0)
@@ -1001,6 +1063,97 @@ def test_refuses_non_floating_x(dtype):
     x = torch.tensor([0, 1, 2, 3, 1, 0, 1], dtype=torch.int64).to(dtype)
     names = BAD_DTYPES[dtype]
     _check_refused(x, 2, 2.0, TypeError, r"\bx\b.*(" + "|".join(re.escape(n) for n in names) + r")\b")
+
+
+# max_value that rounds to 0 or to infinity in the compute type T of x
+# (docs/quantizer.md: m = T(max_value); T is float32 for float16, bfloat16 and
+# float32 inputs). float32 rounds to nearest even: 2^-150 (half the smallest
+# subnormal) rounds to 0, 2^128 - 2^103 (half an ulp above FLT_MAX) to inf.
+FLT_ROUNDS_TO_ZERO = 2.0**-150
+FLT_ROUNDS_TO_INF = float.fromhex("0x1.ffffffp+127")
+FLT_MAX = float(torch.finfo(torch.float32).max)
+#: Refused with every input but float64.
+MAX_VALUES_ROUNDING_TO_0_IN_FLOAT32 = (1e-46, FLT_ROUNDS_TO_ZERO, 1e-300, 5e-324)
+MAX_VALUES_ROUNDING_TO_INF_IN_FLOAT32 = (1e39, FLT_ROUNDS_TO_INF, 1e300, 1.7976931348623157e308)
+#: Accepted with every input: the extreme values that still round to a finite float32 > 0.
+EXTREME_FLOAT32_MAX_VALUES = (
+    math.nextafter(FLT_ROUNDS_TO_ZERO, 1.0),  # rounds up to 2^-149, the smallest subnormal
+    2.0**-149,
+    1.2e-38,
+    FLT_MAX,
+    math.nextafter(FLT_ROUNDS_TO_INF, 0.0),  # rounds down to FLT_MAX
+)
+FLOAT32_COMPUTED = (torch.float32, torch.float16, torch.bfloat16)
+_C10_DTYPE_NAME = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
+@pytest.mark.parametrize("dtype", FLOAT32_COMPUTED, ids=dtype_id)
+@pytest.mark.parametrize("max_value", MAX_VALUES_ROUNDING_TO_0_IN_FLOAT32 + MAX_VALUES_ROUNDING_TO_INF_IN_FLOAT32)
+def test_refuses_max_value_that_rounds_to_0_or_inf_in_float32(dtype, max_value):
+    """Before, 1e-46 or 1e39 passed the check (finite and > 0 as a double)
+    and every output was NaN; now every entry point refuses it, naming the
+    value and x's dtype, and leaves x untouched."""
+    x = random_values((9,), dtype)
+    to = "0" if max_value < 1.0 else "infinity"
+    pattern = (
+        rf"max_value={re.escape(f'{max_value:g}')} rounds to {to} in float32, "
+        rf"the compute type of x of dtype {_C10_DTYPE_NAME[dtype]}\b"
+    )
+    _check_refused(x, 2, max_value, ValueError, pattern)
+    _check_refused(x, 32, max_value, ValueError, pattern)
+    # The module takes it (it knows no dtype yet) and refuses at the call.
+    module = torch_ext.QuantActivation(2, max_value)
+    with pytest.raises(ValueError, match=pattern):
+        module(x)
+    # The Python validator keeps its one-argument form; with dtype= it asks the C++ check.
+    assert torch_ext.ops.validate_max_value(max_value) == max_value
+    with pytest.raises(ValueError, match=pattern):
+        torch_ext.ops.validate_max_value(max_value, dtype=dtype)
+    # Tracing refuses it too: the fake kernels call the same C++ check.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        for op in (ops.linear_mid_tread_half_quantize, ops.linear_mid_tread_half_quantize_forward):
+            with pytest.raises(ValueError, match=pattern):
+                op(fake, 2, max_value)
+
+
+@pytest.mark.parametrize("max_value", MAX_VALUES_ROUNDING_TO_0_IN_FLOAT32 + MAX_VALUES_ROUNDING_TO_INF_IN_FLOAT32)
+def test_float64_accepts_what_rounds_to_0_or_inf_in_float32(max_value):
+    """float64 computes in float64: every finite max_value > 0 is exact there,
+    and finite inputs give no NaN."""
+    x = torch.cat([random_values((999,), torch.float64, 2.0), torch.tensor([0.0, -0.0, 1e-310, 1e308, -1e308])])
+    x = torch.cat([x, x * max_value])
+    x = x[x.isfinite()]
+    assert torch_ext.ops.validate_max_value(max_value, dtype=torch.float64) == max_value
+    for bit in (1, 2, 8, 16, 32):
+        y = quantize(x, bit, max_value)
+        assert not y.isnan().any(), f"NaN from finite input, bit={bit} max_value={max_value!r}"
+        assert_bit_exact(y, reference(x, bit, max_value), f"bit={bit} max_value={max_value!r}")
+        y2, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+        assert_bit_exact(y2, y)
+        assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask(x, max_value))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("max_value", EXTREME_FLOAT32_MAX_VALUES, ids=lambda v: float.hex(v))
+def test_extreme_max_values_that_round_to_a_finite_float32_are_accepted(dtype, max_value):
+    """Right inside the refused ranges' edges: accepted, equal to the
+    reference, and never NaN for finite input."""
+    finfo = torch.finfo(dtype)
+    x = torch.cat(
+        [
+            random_values((999,), dtype, 2.0),
+            torch.tensor([0.0, -0.0, finfo.tiny, finfo.max, -finfo.max, max_value, max_value / 3], dtype=torch.float64).to(dtype),
+        ]
+    )
+    x = x[x.isfinite()]
+    for bit in (1, 2, 8, 16, 32):
+        y = quantize(x, bit, max_value)
+        assert not y.isnan().any(), f"NaN from finite input, bit={bit} max_value={max_value!r}"
+        assert_bit_exact(y, reference(x, bit, max_value), f"bit={bit} max_value={max_value!r}", nan_payload=False)
+    assert torch_ext.ops.validate_max_value(max_value, dtype=dtype) == max_value
 
 
 def test_refused_messages_are_clear():

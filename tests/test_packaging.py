@@ -171,30 +171,32 @@ def _fake_toolkit(root: Path, runtime: bool) -> Path:
     nvcc = root / "bin" / "nvcc"
     nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools'\n")
     nvcc.chmod(0o755)
+    (root / "include").mkdir()
+    (root / "include" / "cuda_runtime.h").write_text("")
     if runtime:
         (root / "lib64").mkdir()
         (root / "lib64" / "libcudart.so").write_text("")
     return root
 
 
-def test_cuda_toolkit_follows_a_wrapper_nvcc(tmp_path, monkeypatch):
+def test_cuda_toolkit_follows_a_wrapper_nvcc(tmp_path):
     # /usr/local/bin/nvcc as a wrapper script: torch would guess /usr/local (no CUDA runtime).
     real = _fake_toolkit(tmp_path / "cuda-13.0", runtime=True)
     wrapper_bin = tmp_path / "local" / "bin"
     wrapper_bin.mkdir(parents=True)
     (wrapper_bin / "nvcc").write_text(f'#!/bin/sh\nexec {real}/bin/nvcc "$@"\n')
     (wrapper_bin / "nvcc").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{wrapper_bin}{os.pathsep}/usr/bin{os.pathsep}/bin")
-    monkeypatch.setattr(cuda_toolkit, "_candidates",
-                        lambda: cuda_toolkit._from_path() + [str(tmp_path / "no-such-cuda")])
-    folder, how = cuda_toolkit.find_cuda_home({})
-    assert folder == str(real) and str(tmp_path / "local") in how
+    env = {"PATH": f"{wrapper_bin}{os.pathsep}/usr/bin{os.pathsep}/bin",
+           "TORCH_EXT_DEFAULT_CUDA": str(tmp_path / "no-such-cuda")}
+    folder, how = cuda_toolkit.find_cuda_home(env)
+    assert folder == str(real) and how == f"exec'd by the wrapper {wrapper_bin}/nvcc"
 
 
 def test_cuda_toolkit_refuses_a_bad_cuda_home(tmp_path):
     no_runtime = _fake_toolkit(tmp_path / "half", runtime=False)
-    with pytest.raises(cuda_toolkit.ToolkitError, match=r"CUDA_HOME=.*half is not a usable CUDA toolkit \(no CUDA "
-                                                        r"runtime .*libcudart.so\); set CUDA_HOME"):
+    with pytest.raises(cuda_toolkit.ToolkitError, match=r"CUDA_HOME=.*half is not a usable CUDA toolkit \(no "
+                                                        r"libcudart.so\* in lib64/, lib/ or targets/\*/lib/\); set "
+                                                        r"CUDA_HOME"):
         cuda_toolkit.find_cuda_home({"CUDA_HOME": str(no_runtime)})
     good = _fake_toolkit(tmp_path / "good", runtime=True)
     assert cuda_toolkit.find_cuda_home({"CUDA_HOME": str(good)}) == (str(good), "$CUDA_HOME")

@@ -3,8 +3,11 @@ reference of docs/quantizer.md, bit for bit, on random inputs.
 
 Random shapes (0 to 5 dims, sizes that are no multiple of any vector width),
 random views (step slices, transposes, permutations, expands, storage offsets,
-channels_last), every dtype, every valid bit width, awkward max_values (1/3,
-1e-6, 1e6 and random ones), values drawn around the rounding ties k*m/(2n)
+channels_last), every dtype, every valid bit width, max_values over the whole
+range of finite doubles > 0 (awkward ones such as 1/3, 1e-6 and 1e6, and both
+sides of where float32 rounds them to 0 or to infinity: those are refused with
+a ValueError for every input but float64, and any other never gives NaN for
+finite input), values drawn around the rounding ties k*m/(2n)
 and their float neighbours, and specials; forward, in place, the kernel ops
 and the gradient; CPU, and CUDA where visible (also compared with the CPU).
 
@@ -16,6 +19,7 @@ each test ran is printed at the end of the session.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -41,10 +45,19 @@ from conftest import (
 
 ops = torch.ops.torch_ext
 
-#: Awkward max_values: not representable, tiny, huge, the float neighbours of 2.
+#: Where float32 (the compute type of every input but float64) rounds a
+#: max_value to 0 (at or below) or to infinity (at or above).
+FLT_ROUNDS_TO_ZERO = 2.0**-150
+FLT_ROUNDS_TO_INF = float.fromhex("0x1.ffffffp+127")
+
+#: Awkward max_values: not representable, tiny, huge, the float neighbours of
+#: 2, and both sides of where float32 rounds them to 0 or to infinity.
 AWKWARD_MAX_VALUES = (
     1.0 / 3.0, 1e-6, 1e6, 2.0, 0.1, 6.0, 1.0, 255.0, 65504.0, 1e-30, 1e30,
     math.nextafter(2.0, 0.0), math.nextafter(2.0, 3.0), 2.0 / 3.0, 0.7,
+    1e-46, 1e39, FLT_ROUNDS_TO_ZERO, math.nextafter(FLT_ROUNDS_TO_ZERO, 1.0), 2.0**-149,
+    FLT_ROUNDS_TO_INF, math.nextafter(FLT_ROUNDS_TO_INF, 0.0), float(torch.finfo(torch.float32).max),
+    5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
 )
 
 MAX_NUMEL = 3000
@@ -54,11 +67,47 @@ def _count(name: str) -> None:
     EXAMPLE_COUNTS[name] = EXAMPLE_COUNTS.get(name, 0) + 1
 
 
+#: Every finite max_value > 0, subnormals and the largest double included.
 max_values = st.one_of(
     st.sampled_from(AWKWARD_MAX_VALUES),
-    st.floats(min_value=1e-30, max_value=1e30, allow_nan=False, allow_infinity=False, exclude_min=True),
+    st.floats(min_value=0.0, exclude_min=True, allow_nan=False, allow_infinity=False, allow_subnormal=True),
     st.floats(min_value=1e-3, max_value=1e3, allow_nan=False, allow_infinity=False),
 )
+
+
+def refused_in_compute_type(dtype: torch.dtype, max_value: float) -> bool:
+    """docs/quantizer.md: max_value is refused where it rounds to 0 or to
+    infinity in x's compute type T (float64 for float64, else float32),
+    decided here by the rounding itself, independently of the C++ check."""
+    if dtype == torch.float64:
+        return False
+    m = torch.tensor(max_value, dtype=torch.float64).to(torch.float32)
+    return bool(m == 0) or bool(m.isinf())
+
+
+def expect_refused_or_no_nan(x: torch.Tensor, bit: int, max_value: float, what: str) -> bool:
+    """True (and checks the refusal) where max_value is refused for x: a
+    ValueError naming the value, from the functional API and the kernel ops,
+    with x left untouched. Else False: the caller checks the results."""
+    _count("max_value refused" if refused_in_compute_type(x.dtype, max_value) else "max_value accepted")
+    if not refused_in_compute_type(x.dtype, max_value):
+        return False
+    x0 = x.clone()
+    for call in (
+        lambda: torch_ext.linear_mid_tread_half_quantize(x, bit, max_value),
+        lambda: ops.linear_mid_tread_half_quantize_forward(x, bit, max_value),
+        lambda: ops.linear_mid_tread_half_quantize_(x, bit, max_value),
+        lambda: ops.linear_mid_tread_half_quantize_forward_(x, bit, max_value),
+    ):
+        with pytest.raises(ValueError, match=rf"max_value={re.escape(f'{max_value:g}')} rounds to (0|infinity) in float32"):
+            call()
+    assert_bit_exact(x, x0, "x untouched by a refused call " + what)
+    return True
+
+
+def assert_no_nan_for_finite_input(y: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    finite = x.isfinite()
+    assert not y[finite].isnan().any(), f"NaN from finite input: {what}"
 
 
 @st.composite
@@ -102,10 +151,9 @@ def inputs(draw, devices=DEVICES):
     """(x, bit, max_value, description): x a random view of random values."""
     dtype = draw(st.sampled_from(DTYPES))
     bit = draw(st.sampled_from(BITS))
+    # Over the whole range: a max_value that rounds to 0 or inf in T is
+    # refused (expect_refused_or_no_nan), any other is quantized without NaN.
     max_value = draw(max_values)
-    if dtype != torch.float64:
-        # T = float: keep T(m) finite and > 0 (docs/quantizer.md's m = T(max_value)).
-        max_value = min(max(max_value, 1e-30), 1e30)
     device = draw(st.sampled_from(devices))
     shape = draw(shapes())
     view = draw(st.sampled_from(["contiguous", "transpose", "permute", "step_slice", "expand", "offset", "channels_last"]))
@@ -172,10 +220,13 @@ def _grad_y(x: torch.Tensor, seed: int) -> torch.Tensor:
 def test_forward_matches_reference(case):
     x, bit, max_value, what = case
     _count("forward")
+    if expect_refused_or_no_nan(x, bit, max_value, what):
+        return
     expected = reference(x.cpu(), bit, max_value)
     y = torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
     assert y.device == x.device
     assert_bit_exact(y, expected, what, nan_payload=False)
+    assert_no_nan_for_finite_input(y, x, what)
     # Laid out as PyTorch lays out an elementwise result (channels_last stays).
     assert_same_layout(y, torch.clamp(x, 0, 1), what)
     if x.is_cuda:
@@ -186,6 +237,8 @@ def test_forward_matches_reference(case):
 def test_gradient_matches_reference(case, seed):
     x, bit, max_value, what = case
     _count("gradient")
+    if expect_refused_or_no_nan(x, bit, max_value, what):
+        return
     g = _grad_y(x, seed)
     leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
     y = torch_ext.linear_mid_tread_half_quantize(leaf, bit, max_value)
@@ -207,9 +260,12 @@ def test_gradient_matches_reference(case, seed):
 def test_kernel_ops_match_reference(case, seed):
     x, bit, max_value, what = case
     _count("kernel ops")
+    if expect_refused_or_no_nan(x, bit, max_value, what):
+        return
     expected = reference(x.cpu(), bit, max_value)
     y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
     assert_bit_exact(y, expected, "forward " + what, nan_payload=False)
+    assert_no_nan_for_finite_input(y, x, "forward " + what)
     assert mask.dtype == torch.uint8 and mask.shape == ((x.numel() + 7) // 8,)
     assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask(x, max_value)), "mask " + what
     g = _grad_y(x, seed)
@@ -234,12 +290,15 @@ def test_kernel_ops_match_reference(case, seed):
 )
 def test_ties_dense(dtype, bit, max_value, seed, device):
     """Many values right at the ties and their neighbours, in one flat tensor."""
-    if dtype != torch.float64:
-        max_value = min(max(max_value, 1e-30), 1e30)
     _count("ties")
     x = _values(4099, dtype, bit, max_value, seed, (1, 0, 0)).to(device)
+    what = f"{dtype} bit={bit} m={max_value!r}"
+    if expect_refused_or_no_nan(x, bit, max_value, what):
+        return
     expected = reference(x.cpu(), bit, max_value)
-    assert_bit_exact(torch_ext.linear_mid_tread_half_quantize(x, bit, max_value), expected, f"{dtype} bit={bit} m={max_value!r}", nan_payload=False)
+    y = torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
+    assert_bit_exact(y, expected, what, nan_payload=False)
+    assert_no_nan_for_finite_input(y, x, what)
     leaf = x.clone().requires_grad_()
     torch_ext.linear_mid_tread_half_quantize(leaf, bit, max_value).backward(torch.ones_like(x))
     assert_bit_exact(leaf.grad, reference_backward(torch.ones_like(x).cpu(), x.cpu(), max_value))
@@ -250,6 +309,8 @@ def test_ties_dense(dtype, bit, max_value, seed, device):
 def test_cuda_equals_cpu(case, seed):
     x, bit, max_value, what = case
     _count("cuda vs cpu")
+    if expect_refused_or_no_nan(x, bit, max_value, what):
+        return
     xc = x.cpu()
     y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
     yc, maskc = ops.linear_mid_tread_half_quantize_forward(xc, bit, max_value)

@@ -44,9 +44,7 @@ def _forward_inplace_fake(x, bit, max_value):
 
 @torch.library.register_fake("torch_ext::linear_mid_tread_half_quantize_backward")
 def _backward_fake(grad_y, mask):
-    torch._check(mask.dtype == torch.uint8, lambda: f"mask must be a uint8 tensor, got mask of dtype {mask.dtype}")
-    torch._check(
-        mask.dim() == 1 and mask.numel() == (grad_y.numel() + 7) // 8,
-        lambda: f"mask must have shape [{(grad_y.numel() + 7) // 8}], got mask of shape {list(mask.shape)}",
-    )
+    # The real kernels' check (grad_y's dtype, mask's dtype, shape and device),
+    # with sizes read as SymInts so that dynamic shapes trace.
+    _C.check_backward_arguments(grad_y, mask)
     return torch.empty_like(grad_y)

@@ -69,9 +69,9 @@ def _check_bit(fn: str, bit) -> int:
     return value
 
 
-def _check_max_value(fn: str, max_value) -> float:
+def _check_max_value(fn: str, max_value, dtype: torch.dtype) -> float:
     try:
-        return validate_max_value(max_value)
+        return validate_max_value(max_value, dtype=dtype)
     except (TypeError, ValueError) as exc:
         raise _as_from(fn, exc) from None
 
@@ -103,7 +103,8 @@ def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> 
         (``uint8`` for ``bit <= 8``, ``int16`` up to 15, ``int32`` for 16).
 
     Raises:
-        ValueError: ``bit`` not in 1..16, or ``max_value`` not finite and > 0.
+        ValueError: ``bit`` not in 1..16, or ``max_value`` not finite and > 0
+            or rounding to 0 or infinity in the compute type.
         TypeError: ``x`` not a floating tensor, or ``bit`` not an int.
     """
     fn = "quantize_to_codes"
@@ -115,7 +116,7 @@ def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> 
             f"got x of dtype {x.dtype}"
         )
     bit = _check_bit(fn, bit)
-    max_value = _check_max_value(fn, max_value)
+    max_value = _check_max_value(fn, max_value, x.dtype)
     t = compute_dtype(x.dtype)
     m, n = _constants(t, x.device, bit, max_value)
     xt = x.to(t)
@@ -161,12 +162,12 @@ def codes_to_values(
     if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
         raise TypeError(f"{fn}: codes must be an integer tensor, got codes of dtype {codes.dtype}")
     bit = _check_bit(fn, bit)
-    max_value = _check_max_value(fn, max_value)
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"{fn}: dtype must be a floating dtype (torch.float16, torch.bfloat16, torch.float32 or "
             f"torch.float64), got dtype={dtype!r}"
         )
+    max_value = _check_max_value(fn, max_value, dtype)
     t = compute_dtype(dtype)
     m, n = _constants(t, codes.device, bit, max_value)
     v = torch.div(codes.to(t), n)

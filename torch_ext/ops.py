@@ -33,8 +33,14 @@ def validate_bit(bit) -> int:
     return value
 
 
-def validate_max_value(max_value) -> float:
-    """``max_value`` as a float, finite and > 0; ``TypeError`` for a non-number, ``ValueError`` otherwise."""
+def validate_max_value(max_value, *, dtype: Optional[torch.dtype] = None) -> float:
+    """``max_value`` as a float, finite and > 0; ``TypeError`` for a non-number, ``ValueError`` otherwise.
+
+    With ``dtype`` (that of the input ``x``), also ``ValueError`` where
+    ``max_value`` rounds to 0 or to infinity in the compute type of ``x``
+    (float32 unless ``x`` is float64), by the C++ check the kernels make.
+    The operators make that check themselves in any case.
+    """
     if isinstance(max_value, bool) or not isinstance(max_value, (int, float)) and not hasattr(max_value, "__float__"):
         raise TypeError(f"max_value must be a float, got max_value={max_value!r} of type {type(max_value).__name__}")
     if isinstance(max_value, torch.Tensor):
@@ -44,6 +50,10 @@ def validate_max_value(max_value) -> float:
         raise ValueError(
             f"linear_mid_tread_half_quantize: max_value must be finite and > 0, got max_value={value!r}"
         )
+    if dtype is not None:
+        from . import _C
+
+        _C.check_max_value(value, dtype)
     return value
 
 

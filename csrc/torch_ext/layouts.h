@@ -24,7 +24,8 @@ inline bool same_dense_layout(const at::Tensor& a, const at::Tensor& b) {
 
 // Inference tensors carry no autograd keys, so in-place calls on them come
 // straight to the kernels: refuse them here, outside inference mode, as
-// torch.relu_ does. (Normal tensors are checked by the Autograd kernels.)
+// torch.relu_ does. (Normal tensors are checked by the Autograd kernels,
+// through check_inplace_allowed, which calls this too: the one message.)
 inline void check_inference_tensor_writable(const at::Tensor& x) {
   TORCH_CHECK(
       !x.is_inference() || c10::InferenceMode::is_enabled(),

@@ -31,10 +31,14 @@ at::Tensor linear_mid_tread_half_quantize_forward_(at::Tensor& x, int64_t bit, d
 at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask);
 
 // Throws c10::ValueError (bit, max_value) or c10::TypeError (dtype), with a
-// message naming the argument and its value, exactly as docs/quantizer.md refuses them.
+// message naming the argument and its value, exactly as docs/quantizer.md refuses them
+// (check_quantize_arguments includes check_max_value(max_value, dtype)).
 void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value);
 void check_bit(int64_t bit);
 void check_max_value(double max_value);
+// max_value for an x of this dtype: also refused (ValueError) where it rounds
+// to 0 or to infinity in x's compute type (float32 unless x is float64).
+void check_max_value(double max_value, at::ScalarType dtype);
 // The backward's arguments: a floating grad_y and a uint8 mask of
 // mask_numel(grad_y.numel()) elements on the same device.
 void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask);

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -181,4 +182,62 @@ TEST_CASE("refused arguments throw ValueError and TypeError naming the value", "
 TEST_CASE("a mask of the wrong size is refused by the backward", "[refused]") {
   auto mask = torch::zeros({3}, at::kByte);
   CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_backward(torch::ones({9}), mask), c10::ValueError);
+}
+
+TEST_CASE("the backward refuses a non-floating grad_y and a mask that is no uint8 vector", "[refused]") {
+  const auto mask = torch::zeros({2}, at::kByte);
+  CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_backward(torch::ones({10}, at::kInt), mask), c10::TypeError);
+  CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_backward(torch::ones({10}), mask.to(at::kInt)), c10::TypeError);
+  CHECK_THROWS_AS(
+      torch_ext::linear_mid_tread_half_quantize_backward(torch::ones({10}), torch::zeros({1, 2}, at::kByte)),
+      c10::ValueError);
+  CHECK_THROWS_AS(torch_ext::check_backward_arguments(torch::ones({10}), torch::zeros({1}, at::kByte)), c10::ValueError);
+  CHECK_NOTHROW(torch_ext::check_backward_arguments(torch::ones({10}, at::kHalf), mask));
+}
+
+TEST_CASE("max_value that rounds to 0 or infinity in float32 is refused unless x is float64", "[refused]") {
+  // float32 rounds to nearest even: 2^-150 (half the smallest subnormal)
+  // rounds to 0, 2^128 - 2^103 (half an ulp above FLT_MAX) to infinity.
+  const double rounds_to_zero = std::ldexp(1.0, -150);
+  const double rounds_to_inf = std::ldexp(1.0, 128) - std::ldexp(1.0, 103);
+  const std::vector<double> refused = {
+      1e-46, rounds_to_zero, std::numeric_limits<double>::denorm_min(),
+      1e39, rounds_to_inf, std::numeric_limits<double>::max()};
+  const std::vector<double> accepted = {
+      std::nextafter(rounds_to_zero, 1.0), static_cast<double>(std::numeric_limits<float>::denorm_min()),
+      static_cast<double>(std::numeric_limits<float>::max()), std::nextafter(rounds_to_inf, 0.0)};
+  for (auto dtype : {at::kFloat, at::kHalf, at::kBFloat16}) {
+    const auto x = (torch::rand({64}, at::kDouble) * 4.0 - 1.0).to(dtype);
+    for (double m : refused) {
+      INFO("dtype=" << dtype << " max_value=" << m);
+      CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize(x, 2, m), c10::ValueError);
+      CHECK_THROWS_AS(torch_ext::check_quantize_arguments(dtype, 2, m), c10::ValueError);
+      CHECK_THROWS_AS(torch_ext::check_max_value(m, dtype), c10::ValueError);
+      CHECK_NOTHROW(torch_ext::check_max_value(m));  // finite and > 0: only the dtype refuses it
+      auto xi = x.clone();
+      CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_(xi, 2, m), c10::ValueError);
+      CHECK(at::equal(xi, x));
+    }
+    for (double m : accepted) {
+      INFO("dtype=" << dtype << " max_value=" << m);
+      const auto y = torch_ext::linear_mid_tread_half_quantize(x, 2, m);
+      CHECK(!y.isnan().any().item<bool>());
+    }
+  }
+  try {
+    torch_ext::linear_mid_tread_half_quantize(torch::ones({3}), 2, 1e39);
+    FAIL("max_value=1e39 was accepted for float32");
+  } catch (const c10::ValueError& e) {
+    const std::string what = e.what_without_backtrace();
+    INFO(what);
+    CHECK(what.find("max_value=1e+39 rounds to infinity in float32, the compute type of x of dtype Float") !=
+          std::string::npos);
+  }
+  // float64 computes in float64: every finite max_value > 0 is taken, with no NaN.
+  const auto x64 = torch::rand({64}, at::kDouble) * 4.0 - 1.0;
+  for (double m : refused) {
+    INFO("float64 max_value=" << m);
+    const auto y = torch_ext::linear_mid_tread_half_quantize(x64 * m, 2, m);
+    CHECK(!y.isnan().any().item<bool>());
+  }
 }

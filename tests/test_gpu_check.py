@@ -1,0 +1,413 @@
+"""scripts/gpu_check.sh and scripts/check_junit.py, tested where no GPU is needed.
+
+The GPU check runs on a borrowed GPU machine, where a wasted minute is not
+given back; everything it can get wrong without a GPU is checked here: its
+syntax, its time budget, that it fails fast (and says why) without a GPU, the
+CUDA toolkit it picks behind an nvcc wrapper script, and the JUnit checker
+that keeps it from passing by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+CHECK_JUNIT = ROOT / "scripts" / "check_junit.py"
+BASH = shutil.which("bash")
+
+pytestmark = pytest.mark.skipif(BASH is None, reason="needs bash")
+
+#: The device tool's limits (scripts/gpu_check.sh's header): 600 s a command,
+#: 15 minutes of device time a session, machine start-ups included.
+PER_COMMAND_S = 600
+SESSION_S = 15 * 60
+WHOLE_CHECK_LIMIT_S = 8 * 60
+#: A machine start-up, counted twice: the first run and a rerun on a fresh machine.
+START_UP_S = 120
+
+
+def run_script(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 120):
+    return subprocess.run(
+        [BASH, str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+def header_steps() -> dict[str, tuple[int, int, bool]]:
+    """{step: (budget s, expected s, in the default run)} from the script's header."""
+    steps = {}
+    for line in SCRIPT.read_text().splitlines():
+        m = re.match(r"^#   step (\w+) +(\d+) s +expect +(\d+) s: (.*)$", line)
+        if m:
+            steps[m.group(1)] = (int(m.group(2)), int(m.group(3)), "not a default step" not in m.group(4))
+    return steps
+
+
+def default_steps() -> list[str]:
+    m = re.search(r"^DEFAULT_STEPS=\(([^)]*)\)", SCRIPT.read_text(), re.MULTILINE)
+    assert m, "DEFAULT_STEPS=(...) not found in gpu_check.sh"
+    return m.group(1).split()
+
+
+def test_bash_syntax():
+    r = subprocess.run([BASH, "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_budget_header_fits_the_device_limits():
+    steps = header_steps()
+    run = ["preflight"] + default_steps()
+    assert set(run) <= set(steps), f"steps without a budget line: {set(run) - set(steps)}"
+    assert {name for name, (_, _, default) in steps.items() if default} == set(run), "header and DEFAULT_STEPS disagree"
+    total = sum(steps[name][0] for name in run)
+    # The whole default run is under 8 minutes, each step is killed at its budget.
+    assert total < WHOLE_CHECK_LIMIT_S, f"the default steps' budgets sum to {total} s"
+    stated = re.search(r"default steps sum to (\d+) s", SCRIPT.read_text())
+    assert stated and int(stated.group(1)) == total, "the header's stated sum is not the sum of its budgets"
+    for name, (budget, expected, _) in steps.items():
+        assert 0 < expected < budget < PER_COMMAND_S, f"{name}: expect {expected} s, budget {budget} s"
+    # Room to rerun the longest default step on a fresh machine, both start-ups counted.
+    longest = max(steps[name][0] for name in run)
+    assert total + longest + 2 * START_UP_S <= SESSION_S
+
+
+def test_list_shows_the_budgets():
+    r = run_script("--list")
+    assert r.returncode == 0, r.stderr
+    for name, (budget, _, _) in header_steps().items():
+        assert re.search(rf"^  {name} +{budget} s", r.stdout, re.MULTILINE), r.stdout
+
+
+def test_unknown_step_is_refused(tmp_path):
+    r = run_script(str(tmp_path / "out"), "build", "no_such_step")
+    assert r.returncode == 2
+    assert "unknown step 'no_such_step'" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the dry run would run the real check")
+def test_dry_run_without_gpu_fails_fast_and_says_why(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable)
+    started = time.monotonic()
+    # A relative OUTDIR: made absolute against the caller's folder before any cd.
+    r = run_script("relative/out", env=env, cwd=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert "gpu_check: FAILED: no GPU visible to torch (torch.cuda.is_available() is False" in r.stdout
+    summary = (tmp_path / "relative" / "out" / "summary.txt").read_text()
+    assert "no GPU visible to torch" in summary and "gpu_check: FAILED (preflight" in summary
+    assert (tmp_path / "relative" / "out" / "gpu_check.log").exists()
+    assert not (ROOT / "relative").exists(), "OUTDIR was made under the repository"
+    # No step ran: nothing was built or tested.
+    assert "=== build" not in summary
+
+
+#: A sitecustomize that makes torch report one GPU: enough for the preflight
+#: to pass, so that the orchestration after it runs here (no kernel can run).
+FAKE_GPU_SITECUSTOMIZE = """
+import torch.cuda as cuda
+cuda.is_available = lambda: True
+cuda.device_count = lambda: 1
+cuda.get_device_capability = lambda device=None: (9, 0)
+cuda.get_device_name = lambda device=None: "a pretended GPU"
+class _Properties:
+    total_memory = 141 * 2**30
+cuda.get_device_properties = lambda device=None: _Properties()
+"""
+
+
+def _has_toolkit() -> bool:
+    return run_script("--find-cuda").returncode == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: no need to pretend one")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is not None, reason="compute-sanitizer is installed here")
+def test_a_step_that_cannot_run_makes_the_check_incomplete_not_passed(tmp_path):
+    """With a GPU pretended (torch.cuda patched in a sitecustomize), the
+    preflight passes and the memcheck step runs: with no compute-sanitizer it
+    is UNSUPPORTED, and the check ends INCOMPLETE (exit 3), never PASSED."""
+    if not _has_toolkit():
+        pytest.skip("no CUDA toolkit here: the preflight would stop first")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([str(site), str(ROOT)]))
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if "cuda" not in p)
+    out = tmp_path / "out"
+    r = run_script(str(out), "memcheck", env=env, timeout=120)
+    assert r.returncode == 3, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert "GPU 0: a pretended GPU, capability 9.0" in summary
+    assert "TORCH_CUDA_ARCH_LIST=9.0 (the visible GPU only)" in summary
+    assert re.search(r"^CUDA toolkit: /\S+ \(", summary, re.MULTILINE)
+    assert f"=== memcheck (budget {header_steps()['memcheck'][0]} s)" in summary
+    assert "UNSUPPORTED: compute-sanitizer not found" in summary
+    assert summary.rstrip().splitlines()[-1].startswith(
+        "gpu_check: INCOMPLETE: everything that ran passed; could not run here: memcheck"
+    )
+    assert "=== build" not in summary, "a step that was not asked for ran"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "summary.txt"]
+
+
+# --------------------------------------------------------------------------
+# The CUDA toolkit behind an nvcc wrapper script.
+
+
+def make_toolkit(folder: Path, version: str = "99.9", report_here: bool = False) -> Path:
+    """A fake CUDA toolkit: bin/nvcc that runs, libcudart, cuda_runtime.h.
+    With report_here, its nvcc answers --dryrun with its own folder as the real one does."""
+    (folder / "bin").mkdir(parents=True)
+    (folder / "lib64").mkdir()
+    (folder / "include").mkdir()
+    dryrun = f'case " $* " in *" --dryrun "*) echo "#$ _HERE_={folder}/bin" >&2; exit 0;; esac\n' if report_here else ""
+    nvcc = folder / "bin" / "nvcc"
+    nvcc.write_text(f"#!/bin/sh\n{dryrun}echo 'Cuda compilation tools, release {version}'\n")
+    nvcc.chmod(0o755)
+    (folder / "lib64" / "libcudart.so.99").write_text("")
+    (folder / "include" / "cuda_runtime.h").write_text("")
+    return folder
+
+
+def make_wrapper(folder: Path, target: Path) -> Path:
+    folder.mkdir(parents=True)
+    wrapper = folder / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {target}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    return folder
+
+
+def finder_env(tmp_path: Path, path: str, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env.update(PATH=path, TORCH_EXT_DEFAULT_CUDA=str(tmp_path / "no-default-toolkit"), **extra)
+    return env
+
+
+def found_cuda_home(r) -> str:
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"^CUDA_HOME=(.*)$", r.stdout, re.MULTILINE)
+    assert m, r.stdout
+    return m.group(1)
+
+
+def test_find_cuda_follows_a_wrapper_script_to_the_toolkit_it_execs(tmp_path):
+    toolkit = make_toolkit(tmp_path / "cuda-99.9")
+    wrappers = make_wrapper(tmp_path / "usr-local-bin", toolkit)
+    r = run_script("--find-cuda", env=finder_env(tmp_path, f"{wrappers}:/usr/bin:/bin"))
+    assert found_cuda_home(r) == str(toolkit)
+    assert f"exec'd by the wrapper {wrappers}/nvcc" in r.stdout
+
+
+def test_find_cuda_asks_nvcc_where_it_is(tmp_path):
+    toolkit = make_toolkit(tmp_path / "cuda-99.9", report_here=True)
+    wrappers = make_wrapper(tmp_path / "usr-local-bin", toolkit)
+    r = run_script("--find-cuda", env=finder_env(tmp_path, f"{wrappers}:/usr/bin:/bin"))
+    assert found_cuda_home(r) == str(toolkit)
+    assert "--dryrun" in r.stdout
+
+
+def test_find_cuda_takes_a_valid_cuda_home_first_and_skips_an_invalid_one(tmp_path):
+    toolkit = make_toolkit(tmp_path / "cuda-99.9")
+    other = make_toolkit(tmp_path / "cuda-98.0", version="98.0")
+    wrappers = make_wrapper(tmp_path / "usr-local-bin", toolkit)
+    path = f"{wrappers}:/usr/bin:/bin"
+    r = run_script("--find-cuda", env=finder_env(tmp_path, path, CUDA_HOME=str(other)))
+    assert found_cuda_home(r) == str(other)
+    # A CUDA_HOME that is no toolkit (here: a folder with no libcudart, like /usr/local).
+    not_toolkit = tmp_path / "usr-local"
+    (not_toolkit / "bin").mkdir(parents=True)
+    shutil.copy(wrappers / "nvcc", not_toolkit / "bin" / "nvcc")
+    r = run_script("--find-cuda", env=finder_env(tmp_path, path, CUDA_HOME=str(not_toolkit)))
+    assert found_cuda_home(r) == str(toolkit)
+
+
+@pytest.mark.skipif(shutil.which("nvcc", path="/usr/bin:/bin") is not None, reason="an nvcc in /usr/bin or /bin")
+def test_find_cuda_without_any_toolkit_fails_and_says_what_it_tried(tmp_path):
+    r = run_script("--find-cuda", env=finder_env(tmp_path, "/usr/bin:/bin", CUDA_HOME=str(tmp_path / "nowhere")))
+    assert r.returncode == 2
+    assert "no CUDA toolkit found" in r.stderr
+    assert "nowhere ($CUDA_HOME): no such folder" in r.stderr
+    assert "no-default-toolkit (the default): no such folder" in r.stderr
+    assert "(no nvcc on PATH)" in r.stderr
+
+
+def _is_wrapper_script(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(
+    not (os.path.exists("/usr/local/cuda/bin/nvcc") and _is_wrapper_script("/usr/local/bin/nvcc")),
+    reason="this machine has no /usr/local/cuda toolkit behind a /usr/local/bin/nvcc wrapper script",
+)
+def test_find_cuda_here_picks_usr_local_cuda_behind_the_wrapper():
+    """This machine's /usr/local/bin/nvcc is a shell script exec'ing the real
+    nvcc, and /usr/local/lib has no libcudart: the folder above the nvcc on
+    PATH (/usr/local) is no toolkit, /usr/local/cuda is."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "TORCH_EXT_DEFAULT_CUDA")}
+    env["PATH"] = "/usr/local/bin:" + env.get("PATH", "/usr/bin:/bin")
+    home = found_cuda_home(run_script("--find-cuda", env=env))
+    assert os.path.realpath(home) == os.path.realpath("/usr/local/cuda")
+    assert os.path.realpath(home) != "/usr/local"
+
+
+# --------------------------------------------------------------------------
+# check_junit.py: no passing by skipping.
+
+
+def junit(*cases: str, errors: int = 0) -> str:
+    return "\n".join(
+        [
+            '<?xml version="1.0" encoding="utf-8"?>',
+            f'<testsuites><testsuite name="pytest" errors="{errors}" failures="0" skipped="0" '
+            f'tests="{len(cases)}" time="1.0">',
+            *cases,
+            "</testsuite></testsuites>",
+        ]
+    )
+
+
+def passed(name: str) -> str:
+    return f'<testcase classname="tests.test_cuda" name="{name}" time="0.1" />'
+
+
+def skipped(name: str, reason: str) -> str:
+    return (
+        f'<testcase classname="tests.test_cuda" name="{name}" time="0.0">'
+        f'<skipped type="pytest.skip" message="{reason}">tests/test_cuda.py:1: {reason}</skipped></testcase>'
+    )
+
+
+def check_junit(tmp_path: Path, xml: str, *args: str):
+    path = tmp_path / "junit.xml"
+    path.write_text(xml)
+    return subprocess.run([sys.executable, str(CHECK_JUNIT), *args, str(path)], capture_output=True, text=True)
+
+
+def test_check_junit_allows_only_a_multi_gpu_skip(tmp_path):
+    r = check_junit(tmp_path, junit(passed("test_a"), passed("test_b"), skipped("test_second_gpu", "needs two GPUs")))
+    assert r.returncode == 0, r.stdout
+    assert "2 passed" in r.stdout and "1 skipped (allowed: multi-GPU)" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "reason",
+    (
+        "no CUDA GPU visible (torch.cuda.is_available() is False)",
+        "torch_ext was built without its CUDA kernels (torch_ext.built_with_cuda() is False)",
+        "needs Triton (torch.compile's inductor backend on CUDA): triton is not installed",
+        "needs 14 GiB of free GPU memory, 3.0 GiB free",
+        "needs a GPU",
+    ),
+)
+def test_check_junit_fails_on_any_other_skip(tmp_path, reason):
+    r = check_junit(tmp_path, junit(passed("test_a"), skipped("test_grid_stride_loop", reason)))
+    assert r.returncode == 1, r.stdout
+    assert f"skipped, not allowed: tests.test_cuda::test_grid_stride_loop: {reason}" in r.stdout
+
+
+def test_check_junit_fails_on_failures_errors_and_too_few_tests(tmp_path):
+    failure = '<testcase classname="t" name="f"><failure message="assert 1 == 2">...</failure></testcase>'
+    error = '<testcase classname="t" name="e"><error message="fixture broke">...</error></testcase>'
+    assert check_junit(tmp_path, junit(passed("a"), failure)).returncode == 1
+    assert check_junit(tmp_path, junit(passed("a"), error)).returncode == 1
+    # A collection error is counted on the suite, outside any test case.
+    assert check_junit(tmp_path, junit(passed("a"), errors=1)).returncode == 1
+    # Nothing ran but allowed skips: no pass.
+    assert check_junit(tmp_path, junit(skipped("s", "needs two GPUs"))).returncode == 1
+    assert check_junit(tmp_path, junit(passed("a"), passed("b")), "--min-tests", "3").returncode == 1
+    assert check_junit(tmp_path, junit(passed("a"), passed("b")), "--min-tests", "2").returncode == 0
+
+
+def test_check_junit_fails_on_pytests_junit_of_an_interrupted_run(tmp_path):
+    """gpu_check.sh stops pytest with SIGINT at its limit, so that the JUnit
+    file is still written; the test it interrupted must not count as passed."""
+    (tmp_path / "test_interrupted.py").write_text(
+        "import os, signal, time\n"
+        "def test_before(): pass\n"
+        "def test_interrupted():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(30)\n"
+        "def test_after(): pass\n"
+    )
+    xml = tmp_path / "interrupted.xml"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "test_interrupted.py"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )
+    assert run.returncode == 2, run.stdout  # pytest's "interrupted"
+    assert xml.exists(), "pytest wrote no JUnit file when interrupted"
+    r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(xml)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout
+    assert "1 passed" in r.stdout and "interrupted inside a test" in r.stdout
+
+
+def test_check_junit_fails_on_a_missing_or_broken_file(tmp_path):
+    r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(tmp_path / "none.xml")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no such file" in r.stdout
+    assert check_junit(tmp_path, "<testsuites><testsuite>").returncode == 2
+    assert check_junit(tmp_path, "<html></html>").returncode == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the CUDA tests would run, not skip")
+def test_check_junit_refuses_pytests_own_junit_of_the_cuda_tests_here(tmp_path):
+    """End to end, on pytest's real JUnit output: here every CUDA test skips
+    (no GPU), which is exactly what the GPU check must not take for a pass."""
+    xml = tmp_path / "cuda.xml"
+    subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+         str(ROOT / "tests" / "test_cuda.py")],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(xml)], capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout
+    assert "0 passed" in r.stdout
+    assert re.search(r"skipped, not allowed: tests.test_cuda::test_bit_identical_to_cpu\[\S+\]: no CUDA GPU visible", r.stdout)
+    # The multi-GPU test's own reason is the allowed one; it cannot make up for the rest.
+    assert "1 skipped (allowed: multi-GPU)" in r.stdout
+    assert "skipped, allowed: tests.test_cuda::test_second_gpu_while_the_first_is_current: needs two GPUs" in r.stdout
+    assert "skipped, not allowed: ... and " in r.stdout
+
+
+# --------------------------------------------------------------------------
+# Without Triton: the CUDA compile test skips with its reason; inductor's CPU
+# path (the CPU compile tests) needs no Triton.
+
+_WITHOUT_TRITON = """
+import sys
+sys.modules["triton"] = None  # importing triton now fails, as where it is not installed
+sys.path.insert(0, sys.argv[1])
+import torch
+import conftest
+import test_cuda
+assert conftest.HAS_TRITON is False
+marks = [m for m in test_cuda.test_compile_fullgraph_on_cuda.pytestmark if m.name == "skipif"]
+assert any(m.args[0] is True and "needs Triton" in m.kwargs["reason"] for m in marks), marks
+import torch_ext
+fn = torch.compile(lambda x: torch_ext.linear_mid_tread_half_quantize(x * 1.0, 3, 1.5) * 2.0, fullgraph=True)
+x = torch.linspace(-1.0, 3.0, 101, requires_grad=True)
+fn(x).sum().backward()
+expected = torch_ext.linear_mid_tread_half_quantize(x.detach(), 3, 1.5) * 2.0
+assert torch.equal(fn(x.detach()), expected)
+print("ok")
+"""
+
+
+def test_without_triton_the_cuda_compile_test_skips_and_cpu_inductor_still_compiles():
+    r = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TRITON, str(ROOT / "tests")],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
+    )
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
