@@ -78,10 +78,11 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Console-script entry point (``torch-ext-train``, ``python -m torch_ext.train``); returns the exit status."""
     try:
         from .run import cli as run_cli
-    except ImportError as exc:
+
+        return run_cli(argv)
+    except ImportError as exc:  # importing the command, or a data set's loader, needs an extra
         message = missing_extra(exc)
         if message is None:
             raise
         print(f"python -m torch_ext.train: error: {message}", file=sys.stderr)
         return 2
-    return run_cli(argv)

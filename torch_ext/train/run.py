@@ -17,7 +17,6 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as data_module
-from .._extras import missing_extra
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -398,17 +397,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    """Console-script entry point: like :func:`main`, printing errors as ``error: ...`` (exit status 2)."""
+    """Like :func:`main`, printing errors as ``error: ...`` (exit status 2); ``torch_ext.train.cli`` calls it."""
     try:
         main(argv)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"python -m torch_ext.train: error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        message = missing_extra(exc)
-        if message is None:
-            raise
-        print(f"python -m torch_ext.train: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
