@@ -20,7 +20,8 @@
 #   step pytest     130 s  expect  70 s: tests/test_cuda.py alone; JUnit checked: no skip but "needs two GPUs"
 #   step memcheck    60 s  expect  30 s: compute-sanitizer memcheck, pytest -m sanitize tests/test_cuda.py
 #   step racecheck   40 s  expect  20 s: compute-sanitizer racecheck, the same selection
-#   step bench       50 s  expect  35 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, train step)
+#   step bench       50 s  expect  30 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
+#                                        and channels_last, no torch.compile; AMP channels_last train step)
 #   step train       30 s  expect  15 s: python -m torch_ext.train --device cuda --amp bf16 --epochs 1
 #   step catch2     240 s  expect 150 s: (not a default step) Catch2 CUDA tests, plain and under memcheck,
 #                                        only where Catch2 is installed
@@ -140,8 +141,9 @@ step_sanitizer() {  # step_sanitizer TOOL BUDGET
 
 step_bench() {
   check_built || return 1
-  "$PY" -m torch_ext.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --repeats 10 --warmup 3 \
-    --train-repeats 5 --json "$OUT/bench.json" || return 1
+  "$PY" -m torch_ext.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --layouts contiguous,channels_last \
+    --no-compile --repeats 10 --warmup 3 --train-repeats 5 --train-amp bfloat16 --train-channels-last \
+    --json "$OUT/bench.json" || return 1
   # The benchmark skips CUDA quietly where it sees none: demand CUDA figures.
   "$PY" - "$OUT/bench.json" <<'EOF'
 import json, sys

@@ -80,3 +80,31 @@ def test_copy_bandwidth_and_train_step(report):
     assert set(train["median_s"]) == {"LmnetV1Quantize", "LmnetV1"}
     assert all(t > 0 for t in train["median_s"].values())
     assert train["ratio_quantized_over_float"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_channels_last_rows_and_the_amp_channels_last_training_step(tmp_path):
+    path = tmp_path / "cl.json"
+    assert bench.main(["--quick", "--devices", "cpu", "--dtypes", "float32", "--layouts", "contiguous,channels_last",
+                       "--no-compile", "--train-amp", "bfloat16", "--train-channels-last", "--json", str(path)]) == 0
+    with open(path) as f:
+        doc = json.load(f)
+    rows = doc["results"]
+    assert {r["layout"] for r in rows} == {"contiguous", "channels_last"}
+    assert "composite_compiled" not in {r["candidate"] for r in rows}
+    for layout in ("contiguous", "channels_last"):
+        ours = [r for r in rows if r["layout"] == layout and r["candidate"] == "torch_ext"]
+        assert {r["op"] for r in ours} == set(bench.OPS) and all(r["status"] == "ok" for r in ours)
+    (step,) = doc["train_step"]
+    assert step["amp"] == "bfloat16" and step["channels_last"] is True and step["ratio_quantized_over_float"] > 0
+    assert "targets" in doc  # the final document, not a partial one
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(SystemExit, match="--layouts: unknown value 'nhwc'"):
+        bench.main(["--layouts", "nhwc"])
+    with pytest.raises(SystemExit, match="channels_last cases need multiples of 65536"):
+        bench.main(["--layouts", "channels_last", "--sizes", "1000"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--devices cuda: no CUDA device is visible"):
+            bench.main(["--devices", "cuda"])

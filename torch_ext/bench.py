@@ -57,6 +57,7 @@ import functools
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -286,8 +287,8 @@ def _fake_quantize(x: torch.Tensor) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, MAX_VALUE / n, 0, 0, n)
 
 
-def _make_candidates() -> List[_Candidate]:
-    return [
+def _make_candidates(compile_composite: bool = True) -> List[_Candidate]:
+    candidates = [
         _Candidate("torch_ext", _torch_ext),
         _Candidate("relu", torch.relu),
         _Candidate("copy", _clone, backward=_copy_backward),
@@ -296,6 +297,7 @@ def _make_candidates() -> List[_Candidate]:
         # Compiled per case (fixed shape and dtype), in _bench_case.
         _Candidate("composite_compiled", _composite),
     ]
+    return [c for c in candidates if compile_composite or c.name != "composite_compiled"]
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -386,7 +388,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 def _bench_case(
     device: torch.device, dtype: torch.dtype, numel: int, repeats: int, warmup: int, copy_gbps: Optional[float],
-    layout: str = "contiguous",
+    layout: str = "contiguous", compile_composite: bool = True,
 ) -> List[Result]:
     dtype_name = str(dtype).replace("torch.", "")
     element = torch.empty((), dtype=dtype).element_size()
@@ -396,7 +398,7 @@ def _bench_case(
     x.requires_grad_(True)
     grad = _layout(torch.rand(numel, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype), layout)
 
-    candidates = _make_candidates()
+    candidates = _make_candidates(compile_composite)
     saved_info: Dict[str, Tuple[float, float]] = {}
     for c in candidates:
         if c.name == "composite_compiled":
@@ -674,6 +676,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", type=_csv, default=["contiguous"],
                    help="memory layouts of the operator cases: contiguous (a vector) and/or channels_last "
                         "(images [N, 64, 32, 32]; sizes must be multiples of 64K)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="leave out the torch.compile'd composite (its compilation takes tens of seconds a case)")
     p.add_argument("--deploy", action="store_true",
                    help="benchmark the deployed (bit-packed) LMNet against the float and fake-quantized models "
                         "instead (torch_ext.deploy.bench)")
@@ -681,14 +685,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _devices(requested: Optional[List[str]]) -> List[str]:
-    devices = requested if requested is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for d in devices:
+    if requested is None:  # what there is
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for d in requested:
         if d not in ("cpu", "cuda"):
             raise SystemExit(f"--devices: unknown device {d!r} (cpu, cuda)")
-    if "cuda" in devices and not torch.cuda.is_available():
-        _log("no CUDA device is visible: skipping cuda")
-        devices = [d for d in devices if d != "cuda"]
-    return devices
+    if "cuda" in requested and not torch.cuda.is_available():
+        raise SystemExit("--devices cuda: no CUDA device is visible to torch (torch.cuda.is_available() is False)")
+    return requested
+
+
+class _Report:
+    """The JSON document, rewritten after every case, so a run killed at a time limit keeps what it measured."""
+
+    def __init__(self, path: Optional[str], meta: Dict[str, object], copy_gbps: Dict[str, float]) -> None:
+        self.path, self.meta, self.copy_gbps = path, meta, copy_gbps
+        self.results: List[Result] = []
+        self.train: List[Dict[str, object]] = []
+
+    def save(self, results: Optional[List[Result]] = None, **extra: object) -> None:
+        if not self.path:
+            return
+        done = self.results + (results or [])
+        doc = {"meta": self.meta, "copy_bandwidth_gbps": self.copy_gbps, "results": [asdict(r) for r in done],
+               "train_step": self.train, **extra}
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, self.path)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -723,7 +747,7 @@ def _defaults(args: argparse.Namespace, dev_name: str) -> Dict[str, object]:
     }
 
 
-def _bench_device(args: argparse.Namespace, dev_name: str, copy_gbps: Dict[str, float]):
+def _bench_device(args: argparse.Namespace, dev_name: str, copy_gbps: Dict[str, float], report: "_Report"):
     """Every operator case and the training step on one device: (results, training-step records)."""
     device = torch.device(dev_name)
     d = _defaults(args, dev_name)
@@ -740,7 +764,8 @@ def _bench_device(args: argparse.Namespace, dev_name: str, copy_gbps: Dict[str, 
                 for dtype_name in args.dtypes:
                     for numel in d["sizes"]:
                         results += _bench_case(device, _DTYPES[dtype_name], numel, d["repeats"], d["warmup"],
-                                               copy_gbps[dev_name], layout)
+                                               copy_gbps[dev_name], layout, not args.no_compile)
+                        report.save(results)
     train = []
     if args.train_step is not False:
         train.append(_bench_train_step(device, d["train_batch"], d["train_repeats"], d["train_warmup"],
@@ -785,13 +810,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _log(f"--reuse-freed-memory: {failure}; continuing without")
     started = time.perf_counter()
     meta = _meta(args, argv, devices, reuse)
-    results: List[Result] = []
     copy_gbps: Dict[str, float] = {}
-    train: List[Dict[str, object]] = []
+    report = _Report(args.json, meta, copy_gbps)
     for dev_name in devices:
-        dev_results, dev_train = _bench_device(args, dev_name, copy_gbps)
-        results += dev_results
-        train += dev_train
+        dev_results, dev_train = _bench_device(args, dev_name, copy_gbps, report)
+        report.results += dev_results
+        report.train += dev_train
+        report.save()
+    results, train = report.results, report.train
     targets = _targets(results, train)
     if results:
         _print_table(results, copy_gbps)
@@ -803,10 +829,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           + (", freed memory reused (glibc mallopt)" if reuse else "")
           + f"; {elapsed:.0f} s)")
     if args.json:
-        doc = {"meta": meta, "copy_bandwidth_gbps": copy_gbps, "results": [asdict(r) for r in results],
-               "train_step": train, "targets": targets, "elapsed_s": elapsed}
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=1)
+        report.save(targets=targets, elapsed_s=elapsed)
         _log(f"wrote {args.json}")
     return 0
 
