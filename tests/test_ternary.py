@@ -240,6 +240,25 @@ def test_twn_matches_float64_reference(shape, dtype, device, threshold):
     assert torch.all(y[w == 0] == 0) and not torch.signbit(y[w == 0]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_weights(dtype):
+    # 300k weights: a float16 sum of |w| or of the kept count would overflow (65504); the sums run in float32.
+    w = _weight((128, 256, 3, 3), torch.float32)
+    y = twn_weight_quantize(w.to(dtype))
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    # The same as float32 on the rounded weights, up to rounding alpha and delta to dtype:
+    # entries whose magnitude is within dtype's rounding of delta may fall on either side.
+    wr = w.to(dtype).float()
+    ref = twn_weight_quantize(wr)
+    delta = wr.abs().mean() * 0.7
+    near = (wr.abs() - delta).abs() <= delta * 2.0 ** -7
+    assert near.sum() < 0.01 * w.numel()
+    torch.testing.assert_close(y.float()[~near], ref[~near], rtol=1e-2, atol=0)
+    s = torch.tensor(0.5, dtype=dtype)
+    y = ttq_weight_quantize(w.to(dtype), s, s)
+    assert y.dtype == dtype and set(y.unique().tolist()) == {-0.5, 0.0, 0.5}
+
+
 def test_twn_straight_through_gradient_and_blueoils_tests_numbers():
     # Blueoil's test draws uniform(-10, 10) weights of shape (10, 2, 2, 4) with thresholds 0.3 and 0.7.
     g = torch.Generator().manual_seed(5)

@@ -188,37 +188,48 @@ def _check_scale(scale, w: torch.Tensor, name: str, argument: str) -> None:
         )
 
 
+# The ternary quantizers select with 0/1 float masks and multiplications
+# rather than torch.where: on CPU a boolean-mask where/masked_fill costs about
+# ten times a multiplication (docs/blueoil.md has the numbers), and multiplying
+# by an exact 0 or 1 gives the same values as selecting.
+
+
+def _ttq_masks(w: torch.Tensor, threshold: float):
+    # The cut-off in w's dtype (Blueoil: float32 max times a float32 threshold).
+    cutoff = w.abs().amax() * threshold
+    return w > cutoff, w < -cutoff
+
+
 class _TTQ(torch.autograd.Function):
     """Autograd function behind :func:`ttq_weight_quantize`."""
 
     @staticmethod
     def forward(w, positive, negative, threshold):  # type: ignore[override]
-        # The cut-off in w's dtype (Blueoil: float32 max times a float32 threshold).
-        cutoff = w.abs().amax() * threshold
-        above = w > cutoff
-        below = w < -cutoff
-        # Middle entries (zeros included) get +0.0.
-        return torch.where(above, positive, torch.where(below, -negative, torch.zeros((), dtype=w.dtype,
-                                                                                    device=w.device)))
+        above, below = _ttq_masks(w, threshold)
+        # p * 1 - n * 0 = p, p * 0 - n * 1 = -n; in the middle 0 * p - 0 * n is +-0.0,
+        # and adding +0.0 makes it +0.0 (as Blueoil's where(..., zeros)) without changing any other value.
+        return (above.to(w.dtype) * positive - below.to(w.dtype) * negative) + 0.0
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         w, positive, negative, threshold = inputs
-        cutoff = w.abs().amax() * threshold
-        ctx.save_for_backward(w > cutoff, w < -cutoff, positive, negative)
+        above, below = _ttq_masks(w, threshold)
+        ctx.save_for_backward(above, below, positive, negative)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         above, below, positive, negative = ctx.saved_tensors
-        zero = torch.zeros((), dtype=grad_y.dtype, device=grad_y.device)
+        a = above.to(grad_y.dtype)
+        b = below.to(grad_y.dtype)
         grad_w = grad_p = grad_n = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.where(above, grad_y * positive, torch.where(below, grad_y * negative, grad_y))
+            # The factor is exactly positive, negative or 1 (0/1 masks), so grad_w is g*p, g*n or g.
+            grad_w = grad_y * (a * positive + b * negative + (1.0 - a - b))
         if ctx.needs_input_grad[1]:
-            grad_p = torch.where(above, grad_y, zero).sum()
+            grad_p = (grad_y * a).sum()
         if ctx.needs_input_grad[2]:
             # Blueoil's sign (and the TTQ paper's): +sum, although the forward has -negative there.
-            grad_n = torch.where(below, grad_y, zero).sum()
+            grad_n = (grad_y * b).sum()
         return grad_w, grad_p, grad_n, None
 
 
@@ -303,17 +314,17 @@ class _TWN(torch.autograd.Function):
 
     @staticmethod
     def forward(w, threshold):  # type: ignore[override]
+        # Sums in float32 at least: a float16 sum of |w| or count overflows at 65504.
+        acc = torch.promote_types(w.dtype, torch.float32)
         a = w.abs().contiguous()  # layout-independent sums, as _mean_abs
         # Blueoil's order of operations: sum(|w|) * threshold / size.
-        delta = a.sum() * threshold / w.numel()
-        above = w > delta
-        below = w < -delta
-        kept = above | below
-        count = kept.sum()
+        delta = a.sum(dtype=acc) * threshold / w.numel()
+        sign = (w > delta).to(w.dtype) - (w < -delta).to(w.dtype)  # 1, -1, or 0 (|w| <= delta)
         # alpha = mean(|w| over the kept entries); 0 when none is kept (Blueoil: NaN).
-        alpha = torch.where(kept, a, 0).sum() / count.clamp(min=1).to(w.dtype)
-        zero = torch.zeros((), dtype=w.dtype, device=w.device)
-        return torch.where(above, alpha, torch.where(below, -alpha, zero))
+        count = torch.count_nonzero(sign).clamp(min=1).to(acc)
+        alpha = (a * sign.abs()).sum(dtype=acc) / count
+        # alpha >= 0, so the middle is +0.0 * alpha = +0.0.
+        return sign * alpha.to(w.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -336,7 +347,9 @@ def twn_weight_quantize(w: torch.Tensor, threshold: float = 0.7) -> torch.Tensor
         y     = alpha * sign(w)   where kept, else 0
 
     An exact zero weight is never kept (``delta >= 0``), so it maps to +0.0.
-    Backward is the straight-through estimator ``grad_w = grad_y``.
+    Backward is the straight-through estimator ``grad_w = grad_y``. The sums
+    run in float32 or wider (float16 would overflow), ``delta`` is compared
+    and ``alpha`` returned in ``w``'s dtype.
 
     Departure from Blueoil: when no entry is kept (an all-zero weight, or a
     ``threshold`` so large that ``delta >= max(|w|)``), Blueoil divides 0 by 0
