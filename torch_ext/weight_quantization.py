@@ -254,7 +254,9 @@ def ttq_weight_quantize(
     ``grad_negative`` has Blueoil's (and the TTQ paper's) sign: the derivative
     of ``-negative`` would be ``-sum``; we keep Blueoil's so that a Blueoil
     recipe trains the same way. ``t`` is computed in ``w``'s dtype, as
-    Blueoil computes it in float32.
+    Blueoil computes it in float32. The selections are computed as 0/1 masks
+    times the scales, which gives exactly Blueoil's values for finite scales
+    (an infinite scale would give NaN instead of 0 outside its region).
 
     Args:
         w: floating-point tensor of any shape, at least one element.
