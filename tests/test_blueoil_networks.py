@@ -353,3 +353,31 @@ def test_few_steps_on_digits_lower_the_loss(name, kwargs, lr, digits_batch):
         losses.append(loss.item())
     assert all(map(torch.isfinite, map(torch.tensor, losses))), losses
     assert min(losses[-3:]) < 0.85 * losses[0], losses
+
+
+# ---------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("name,wq", [("lmnet_v0_quantize", "ttq"), ("darknet_quantize", "twn")])
+def test_onnx_export_folds_the_new_quantizers(name, wq, tmp_path):
+    why = "ONNX export needs onnx, onnxscript and onnxruntime"
+    pytest.importorskip("onnx", reason=why)
+    pytest.importorskip("onnxscript", reason=why)
+    pytest.importorskip("onnxruntime", reason=why)
+    from torch_ext import export_onnx, run_onnx
+
+    torch.manual_seed(0)
+    model = models.get_model(name, num_classes=10, in_channels=1, weight_quantizer=wq)
+    if wq == "ttq":  # scales as training leaves them: different per layer and sign
+        for i, q in enumerate(m for m in model.modules() if isinstance(m, TTQWeightQuantizer)):
+            with torch.no_grad():
+                q.positive.fill_(0.5 + i)
+                q.negative.fill_(2.0 - 0.25 * i)
+    model.eval()
+    x = torch.rand(3, 1, 16, 16)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, x, path)
+    (logits,) = run_onnx(path, x)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
