@@ -193,8 +193,10 @@ def test_lm_resnet_layers():
     expected = [("conv0", 3, 64, 3)]
     for g, (cin, cout) in enumerate([(64, 64), (64, 128), (128, 256), (256, 512)]):
         stride = 1 if g == 0 else 2
-        expected += [(f"group{g}.block0.conv1", cin * stride * stride, cout, 3), (f"group{g}.block0.conv2", cout, cout, 3),
-                     (f"group{g}.block1.conv1", cout, cout, 3), (f"group{g}.block1.conv2", cout, cout, 3)]
+        expected += [(f"group{g}.block0.conv1", cin * stride * stride, cout, 3),
+                     (f"group{g}.block0.conv2", cout, cout, 3),
+                     (f"group{g}.block1.conv1", cout, cout, 3),
+                     (f"group{g}.block1.conv2", cout, cout, 3)]
     assert got == expected
     assert all(c.bias is None and c.padding == (1, 1) for _, c in _convs(model))
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
