@@ -106,7 +106,12 @@ def test_lmnet_quantize_defaults_match_blueoil():
 
 
 def test_registry_builds_every_model_by_name():
-    assert models.list_models() == sorted(["lmnet_v1", "lmnet_v1_quantize", "sample_network", "sample_network_quantize"])
+    assert models.list_models() == sorted([
+        "lmnet_v1", "lmnet_v1_quantize", "sample_network", "sample_network_quantize",
+        # Blueoil's other classifiers (tests/test_blueoil_networks.py):
+        "lmnet", "lmnet_quantize", "lmnet_v0", "lmnet_v0_quantize", "lm_resnet", "lm_resnet_quantize",
+        "darknet", "darknet_quantize",
+    ])
     for name, cls in [("lmnet_v1", LmnetV1), ("lmnet_v1_quantize", LmnetV1Quantize), ("sample_network", SampleNetwork),
                       ("sample_network_quantize", SampleNetworkQuantize)]:
         model = models.get_model(name, num_classes=4, in_channels=1)
@@ -115,7 +120,7 @@ def test_registry_builds_every_model_by_name():
     # A weight quantizer can be named.
     model = models.get_model("lmnet_v1_quantize", weight_quantizer="binary_channel_wise_mean_scaling")
     assert model.conv2.conv.weight_quantizer is binary_channel_wise_mean_scaling_quantize
-    with pytest.raises(ValueError, match=r"model='resnet18' is unknown; choose one of \['lmnet_v1'"):
+    with pytest.raises(ValueError, match=r"model='resnet18' is unknown; choose one of \['darknet'"):
         models.get_model("resnet18")
     with pytest.raises(ValueError, match=r"weight_quantizer='ternary' is unknown"):
         models.get_model("lmnet_v1_quantize", weight_quantizer="ternary")

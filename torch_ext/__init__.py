@@ -2,7 +2,7 @@
 
 The linear mid-tread half quantizer (docs/quantizer.md) as a registered operator with
 CPU and CUDA kernels, ``QuantActivation``, Blueoil's binary weight quantizers,
-``QuantConv2d`` and the LMNet classifiers (``torch_ext.models``).
+the ternary ones (TTQ, TWN), ``QuantConv2d`` and Blueoil's classifiers (``torch_ext.models``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ from .export import export_onnx, run_onnx
 from .modules import QuantActivation
 from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_
 from .quant_conv import QuantConv2d
-from .weight_quantization import binary_channel_wise_mean_scaling_quantize, binary_mean_scaling_quantize
+from .weight_quantization import (
+    TTQWeightQuantizer,
+    binary_channel_wise_mean_scaling_quantize,
+    binary_mean_scaling_quantize,
+    ttq_weight_quantize,
+    twn_weight_quantize,
+)
 from . import models  # noqa: E402  (torch_ext.models.LmnetV1Quantize, ...)
 
 __version__ = "0.1.0"
@@ -24,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantActivation",
     "QuantConv2d",
+    "TTQWeightQuantizer",
     "binary_channel_wise_mean_scaling_quantize",
     "binary_mean_scaling_quantize",
     "built_with_cuda",
@@ -34,6 +41,8 @@ __all__ = [
     "linear_mid_tread_half_quantize_",
     "quantize_to_codes",
     "run_onnx",
+    "ttq_weight_quantize",
+    "twn_weight_quantize",
 ]
 
 

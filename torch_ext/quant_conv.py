@@ -5,12 +5,13 @@ the float weight stays the trained parameter (the optimizer updates it, the
 state dict stores it) and every forward pass convolves with
 ``weight_quantizer(weight, **weight_quantizer_kwargs)``. With the
 straight-through quantizers of :mod:`torch_ext.weight_quantization` the
-gradient reaches the float weight unchanged.
+gradient reaches the float weight unchanged. A quantizer with learned
+parameters (:class:`torch_ext.TTQWeightQuantizer`) is a submodule of the layer.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Type, Union
 
 import torch
 from torch import nn
@@ -33,24 +34,39 @@ class QuantConv2d(nn.Conv2d):
     the bias is not quantized (Blueoil quantizes only variables named
     ``kernel``).
 
+    The weight quantizer may be
+
+    * a function ``(w, **kwargs) -> w_q`` (the binary quantizers,
+      :func:`torch_ext.twn_weight_quantize`);
+    * an ``nn.Module`` instance, e.g. :class:`torch_ext.TTQWeightQuantizer`,
+      whose parameters are learned: it is registered as the submodule
+      ``weight_quantizer``, so ``parameters()``, the optimizer and the state
+      dict (``weight_quantizer.positive``) see them;
+    * an ``nn.Module`` subclass: this layer builds its own instance,
+      ``weight_quantizer(**weight_quantizer_kwargs)``, and calls it with the
+      weight alone (the kwargs were the constructor's);
+    * ``None``: a plain float convolution.
+
     Args:
         *args, **kwargs: as for :class:`torch.nn.Conv2d`.
-        weight_quantizer: callable ``(w, **kwargs) -> w_q``, by default
-            :func:`torch_ext.binary_mean_scaling_quantize`; ``None`` makes this
-            a plain float convolution.
-        weight_quantizer_kwargs: extra keyword arguments for the quantizer.
+        weight_quantizer: as above, by default
+            :func:`torch_ext.binary_mean_scaling_quantize`.
+        weight_quantizer_kwargs: extra keyword arguments for the quantizer
+            (for a subclass: for its constructor).
     """
 
     def __init__(
         self,
         *args: Any,
-        weight_quantizer: Optional[Callable[..., torch.Tensor]] = binary_mean_scaling_quantize,
+        weight_quantizer: Union[Callable[..., torch.Tensor], nn.Module, Type[nn.Module], None] = (
+            binary_mean_scaling_quantize
+        ),
         weight_quantizer_kwargs: Optional[Mapping[str, Any]] = None,
         **kwargs: Any,
     ) -> None:
         if weight_quantizer is not None and not callable(weight_quantizer):
             raise TypeError(
-                "QuantConv2d: weight_quantizer must be callable or None, got "
+                "QuantConv2d: weight_quantizer must be callable, an nn.Module or None, got "
                 f"{weight_quantizer!r}"
             )
         if weight_quantizer_kwargs is not None and not isinstance(weight_quantizer_kwargs, Mapping):
@@ -59,9 +75,14 @@ class QuantConv2d(nn.Conv2d):
                 f"{weight_quantizer_kwargs!r}"
             )
         super().__init__(*args, **kwargs)
-        self.weight_quantizer = weight_quantizer
         # Copied so that a caller mutating its dict later cannot change the layer.
-        self.weight_quantizer_kwargs = dict(weight_quantizer_kwargs or {})
+        quantizer_kwargs = dict(weight_quantizer_kwargs or {})
+        if isinstance(weight_quantizer, type) and issubclass(weight_quantizer, nn.Module):
+            weight_quantizer = weight_quantizer(**quantizer_kwargs)
+            quantizer_kwargs = {}
+        # An nn.Module is registered as a submodule by nn.Module.__setattr__.
+        self.weight_quantizer = weight_quantizer
+        self.weight_quantizer_kwargs = quantizer_kwargs
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight this layer convolves with (differentiable w.r.t. ``weight``)."""
@@ -78,7 +99,8 @@ class QuantConv2d(nn.Conv2d):
         s = super().extra_repr()
         if self.weight_quantizer is None:
             return s + ", weight_quantizer=None"
-        s += f", weight_quantizer={_callable_name(self.weight_quantizer)}"
+        if not isinstance(self.weight_quantizer, nn.Module):  # a module prints itself as a child
+            s += f", weight_quantizer={_callable_name(self.weight_quantizer)}"
         if self.weight_quantizer_kwargs:
             s += f", weight_quantizer_kwargs={self.weight_quantizer_kwargs}"
         return s

@@ -111,13 +111,17 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.5, help="LMNet dropout before conv7")
     p.add_argument("--activation-bit", type=int, default=2, help="QuantActivation bit (1..16, or 32: clip only)")
     p.add_argument("--activation-max-value", type=float, default=2.0, help="QuantActivation max_value")
-    p.add_argument("--weight-quantizer", default="binary_mean_scaling",
-                   choices=sorted(models_module.WEIGHT_QUANTIZERS), help="weight quantizer of the quantized models")
+    p.add_argument("--weight-quantizer", default=None, choices=sorted(models_module.WEIGHT_QUANTIZERS),
+                   help="weight quantizer of the quantized models; binary, binary-channel-wise are short for "
+                        "binary_mean_scaling, binary_channel_wise_mean_scaling (default: the model's, as in "
+                        "Blueoil: binary_channel_wise_mean_scaling for darknet_quantize, else binary_mean_scaling)")
     p.add_argument("--quantize-first-convolution", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the first convolution's weights (default: the model's, True as in Blueoil)")
+                   help="quantize the first convolution's weights (default: the model's, as in Blueoil: "
+                        "False for lm_resnet_quantize, else True)")
     p.add_argument("--quantize-last-convolution", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the last convolution's weights (default: the model's, as in Blueoil: "
-                        "False for lmnet_v1_quantize, True for sample_network_quantize)")
+                        "False for the lmnet*_quantize models, True for sample_network_quantize and "
+                        "darknet_quantize; lm_resnet_quantize's classifier is never quantized)")
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
@@ -229,12 +233,32 @@ class TrainConfig:
         return bits_label(self.as_dict())
 
 
+#: Weight quantizers with three levels (+a, 0, -b): two bits a weight.
+TERNARY_WEIGHT_QUANTIZERS = ("ttq", "twn")
+
+
 def bits_label(args: Dict[str, Any]) -> str:
-    """``W1A2``-style label of a model's precision (``float`` for the float models)."""
+    """``W1A2``-style label of a model's precision (``float`` for the float models; ``W2`` for ternary weights)."""
     if not args["model"].endswith("_quantize"):
         return "float"
     a = "float" if args["activation_bit"] == 32 else str(args["activation_bit"])
-    return f"W1A{a}"
+    w = "2" if args.get("weight_quantizer") in TERNARY_WEIGHT_QUANTIZERS else "1"
+    return f"W{w}A{a}"
+
+
+def _weight_quantizer_name(model: str, given: Optional[str]) -> str:
+    """The full name of ``given`` (an alias resolved), or of the model's own default weight quantizer."""
+    aliases = models_module.WEIGHT_QUANTIZER_ALIASES
+    if given is not None:
+        return aliases.get(given, given)
+    parameter = inspect.signature(models_module.get_model_builder(model)).parameters.get("weight_quantizer")
+    default = parameter.default if parameter is not None else None
+    if isinstance(default, str):
+        return aliases.get(default, default)
+    for name, quantizer in models_module.WEIGHT_QUANTIZERS.items():
+        if quantizer is default and name not in aliases:
+            return name
+    return "binary_mean_scaling"  # float models: unused, recorded as before
 
 
 def _model_default(model: str, option: str, given: Optional[bool]) -> bool:
@@ -295,6 +319,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values["lr_milestones"] = tuple(args.lr_milestones)
     for option in ("quantize_first_convolution", "quantize_last_convolution"):
         values[option] = _model_default(args.model, option, values[option])
+    values["weight_quantizer"] = _weight_quantizer_name(args.model, values["weight_quantizer"])
     return TrainConfig(**values)
 
 

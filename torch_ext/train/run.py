@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from .. import data as data_module
+from .. import models as models_module
 from .checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -72,9 +73,10 @@ class _Run:
 def _resolved_config(cfg: TrainConfig, ddp: Dist):
     """Load the data set; fill in what it decides (image size, flips)."""
     splits = data_module.load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
-    if cfg.model.startswith("lmnet") and splits.image_size % 8:
+    multiple = getattr(models_module.get_model_builder(cfg.model), "input_size_multiple", 1)
+    if splits.image_size % multiple:
         raise ValueError(
-            f"--image-size={splits.image_size} must be divisible by 8 for --model={cfg.model!r} "
+            f"--image-size={splits.image_size} must be divisible by {multiple} for --model={cfg.model!r} "
             "(three space-to-depth steps)"
         )
     if cfg.batch_size % ddp.world_size:
