@@ -268,3 +268,26 @@ def tie_values(dtype: torch.dtype, bit: int, max_value: float, max_k: int | None
     ).to(dtype)
     base = torch.cat([ties, m, 2 * m, m / 2])
     return torch.cat([base, next_down(base), next_up(base), specials])
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run faster on one thread (no OpenMP hand-offs), above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sgd_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, steps: int = 15,
+               lr: float = 0.05) -> list[float]:
+    """The cross-entropy loss of each of ``steps`` SGD steps (momentum 0.9) on one batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

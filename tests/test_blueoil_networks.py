@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import sgd_losses
 from torch_ext import TTQWeightQuantizer, models
 from torch_ext.data import load_digits
 from torch_ext.models import (
@@ -36,13 +37,8 @@ from torch_ext.weight_quantization import (
     twn_weight_quantize,
 )
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are small for a CPU: one thread avoids OpenMP hand-offs, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# These models are small for a CPU: one thread avoids OpenMP hand-offs, above all on a busy machine.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 NEW_MODELS = [LmnetV0, LmnetV0Quantize, LmResnet, LmResnetQuantize, Darknet, DarknetQuantize]
@@ -344,15 +340,7 @@ def digits_batch():
 def test_few_steps_on_digits_lower_the_loss(name, kwargs, lr, digits_batch):
     images, labels = digits_batch
     torch.manual_seed(0)
-    model = models.get_model(name, num_classes=10, in_channels=1, **kwargs).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = sgd_losses(models.get_model(name, num_classes=10, in_channels=1, **kwargs).train(), images, labels, lr=lr)
     assert all(map(torch.isfinite, map(torch.tensor, losses))), losses
     assert min(losses[-3:]) < 0.85 * losses[0], losses
 

@@ -22,7 +22,7 @@ from torch_ext import data, train
 from torch_ext.models import LmnetV1Quantize
 from torch_ext.modules import QuantActivation
 
-from conftest import requires_cuda  # CUDA visible *and* torch_ext built with its CUDA kernels
+from conftest import requires_cuda, sgd_losses  # CUDA visible *and* torch_ext built with its CUDA kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,29 +48,12 @@ def trained(tmp_path_factory):
 # ---------------------------------------------------------------- training
 
 
-@pytest.fixture
-def one_thread():
-    """Small models run faster on one thread (no OpenMP hand-offs), above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_few_steps_lower_the_loss(one_thread):
     torch.manual_seed(0)
     splits = data.load_digits(image_size=8)
     images = torch.stack([splits.train[i][0] for i in range(64)])
     labels = torch.tensor([splits.train[i][1] for i in range(64)])
-    model = LmnetV1Quantize(num_classes=10, in_channels=1).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    losses = []
-    for _ in range(15):
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = sgd_losses(LmnetV1Quantize(num_classes=10, in_channels=1).train(), images, labels, lr=0.05)
     # From ln(10) = 2.30 (conv7 starts near zero) clearly down, and still going down.
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < losses[-5], losses
 

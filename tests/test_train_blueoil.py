@@ -76,14 +76,6 @@ def test_weight_quantizer_names_aliases_and_model_defaults():
         parse_config(["--weight-quantizer", "ternary"])
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name,wq", [
     *[(n, w) for n in ("lmnet_v0_quantize", "lmnet_quantize", "lm_resnet_quantize", "darknet_quantize")
       for w in ("binary", "binary-channel-wise", "ttq", "twn")],
