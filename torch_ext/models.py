@@ -110,6 +110,23 @@ WEIGHT_QUANTIZERS: Mapping[str, Any] = {
 }
 
 
+def _check_image_input(x: torch.Tensor, multiple: int, name: str, why: str = "") -> None:
+    """Refuse anything but ``[N, C, H, W]`` with H and W divisible by ``multiple``, naming the shape.
+
+    A leaf call under FX tracing (``torch.fx.wrap`` below): the traced graph
+    keeps the check, which then runs on real tensors.
+    """
+    if x.dim() != 4 or x.shape[2] % multiple or x.shape[3] % multiple:
+        because = f" ({why})" if why else ""
+        raise ValueError(
+            f"{name}: expected input [N, C, H, W] with H and W divisible by {multiple}{because}, "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+torch.fx.wrap("_check_image_input")
+
+
 class SpaceToDepth(nn.Module):
     """Rearrange ``[N, C, H, W]`` into ``[N, C*b*b, H/b, W/b]`` in TensorFlow's order.
 
@@ -132,15 +149,9 @@ class SpaceToDepth(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the rearrangement to a 4-D tensor."""
-        if x.dim() != 4:
-            raise ValueError(f"SpaceToDepth: expected a 4-D [N, C, H, W] input, got shape {tuple(x.shape)}")
-        n, c, h, w = x.shape
         b = self.block_size
-        if h % b or w % b:
-            raise ValueError(
-                f"SpaceToDepth: height and width must be divisible by block_size={b}, "
-                f"got input shape {tuple(x.shape)}"
-            )
+        _check_image_input(x, b, "SpaceToDepth", f"block_size={b}")
+        n, c, h, w = x.shape
         x = x.reshape(n, c, h // b, b, w // b, b)
         # -> [n, dy, dx, c, h/b, w/b]: the TF order puts the block offset outermost.
         x = x.permute(0, 3, 5, 1, 2, 4)
@@ -446,11 +457,7 @@ class LmnetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        if x.dim() != 4 or x.shape[2] % 8 or x.shape[3] % 8:
-            raise ValueError(
-                f"{type(self).__name__}: expected input [N, C, H, W] with H and W divisible by 8, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_image_input(x, 8, type(self).__name__)
         x = self.conv1(x)
         x = self.pool2(self.conv2(x))
         x = self.conv3(x)
@@ -751,11 +758,7 @@ class LmResnet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        if x.dim() != 4 or x.shape[2] % 8 or x.shape[3] % 8:
-            raise ValueError(
-                f"{type(self).__name__}: expected input [N, C, H, W] with H and W divisible by 8, "
-                f"got shape {tuple(x.shape)}"
-            )
+        _check_image_input(x, 8, type(self).__name__)
         x = self.conv0(x)
         x = self.group3(self.group2(self.group1(self.group0(x))))
         x = self.relu(self.bn(x))

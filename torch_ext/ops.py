@@ -8,6 +8,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ._transforms import quantize as quantize_with_python_autograd
+from ._transforms import transforms_active
+
 __all__ = [
     "BackwardFn",
     "linear_mid_tread_half_quantize",
@@ -71,27 +74,25 @@ def _refuse_inplace_on_leaf(x: torch.Tensor) -> None:
     _C.check_inplace_allowed(x)
 
 
-class _QuantizeWithCustomBackward(torch.autograd.Function):
-    """The operator's forward with a user-supplied backward (Blueoil's ``backward=``)."""
+class _QuantizeInPlaceWithCustomBackward(torch.autograd.Function):
+    """The in-place forward with a user-supplied backward (Blueoil's ``backward=``).
+
+    (Out of place, :mod:`torch_ext._transforms` does this, in the form torch.func can transform.)
+    """
 
     @staticmethod
-    def forward(ctx, x, bit, max_value, backward, inplace):
-        if inplace:
-            # The user's backward reads the original x, which the kernel overwrites.
-            ctx.save_for_backward(x.clone())
-            torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
-            ctx.mark_dirty(x)
-            y = x
-        else:
-            ctx.save_for_backward(x)
-            y = torch.ops.torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
+    def forward(ctx, x, bit, max_value, backward):
+        # The user's backward reads the original x, which the kernel overwrites.
+        ctx.save_for_backward(x.clone())
+        torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
+        ctx.mark_dirty(x)
         ctx.bit, ctx.max_value, ctx.backward = bit, max_value, backward
-        return y
+        return x
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        return ctx.backward(grad_y, x, ctx.bit, ctx.max_value), None, None, None, None
+        return ctx.backward(grad_y, x, ctx.bit, ctx.max_value), None, None, None
 
 
 def linear_mid_tread_half_quantize(
@@ -108,11 +109,17 @@ def linear_mid_tread_half_quantize(
     Raises ``ValueError`` for a bad ``bit`` or ``max_value`` and ``TypeError``
     for a non-floating ``x``.
     """
-    _validate_x(x)
     bit = validate_bit(bit)
-    max_value = validate_max_value(max_value)
-    if backward is not None:
-        return _QuantizeWithCustomBackward.apply(x, bit, max_value, backward, False)
+    if isinstance(x, torch.fx.Proxy):
+        # FX symbolic tracing: record the registered operator, a leaf call of the graph.
+        if backward is not None:
+            raise TypeError("linear_mid_tread_half_quantize: a Python backward= cannot be recorded by FX tracing")
+        return torch.ops.torch_ext.linear_mid_tread_half_quantize(x, bit, validate_max_value(max_value))
+    _validate_x(x)
+    max_value = validate_max_value(max_value)  # the dtype-dependent rule: the operator checks it
+    if backward is not None or transforms_active(x):
+        # A Python backward, or torch.func (grad, vmap, ...), which cannot transform the C++ autograd.
+        return quantize_with_python_autograd(x, bit, max_value, backward)
     return torch.ops.torch_ext.linear_mid_tread_half_quantize(x, bit, max_value)
 
 
@@ -123,12 +130,20 @@ def linear_mid_tread_half_quantize_(
 
     The gradient is still that of the original ``x`` (only its 1-bit mask is kept).
     """
-    _validate_x(x)
     bit = validate_bit(bit)
-    max_value = validate_max_value(max_value)
+    if isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: record the registered operator
+        if backward is not None:
+            raise TypeError("linear_mid_tread_half_quantize_: a Python backward= cannot be recorded by FX tracing")
+        torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, validate_max_value(max_value))
+        return x
+    _validate_x(x)
+    max_value = validate_max_value(max_value)  # the dtype-dependent rule: the operator checks it
+    if transforms_active(x):
+        # torch.func: the out-of-place quantizer that transforms can differentiate, written back.
+        return x.copy_(quantize_with_python_autograd(x.clone(), bit, max_value, backward))
     if backward is not None:
         # Checked here too: autograd.Function.forward runs with grad mode off.
         _refuse_inplace_on_leaf(x)
-        return _QuantizeWithCustomBackward.apply(x, bit, max_value, backward, True)
+        return _QuantizeInPlaceWithCustomBackward.apply(x, bit, max_value, backward)
     torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
     return x

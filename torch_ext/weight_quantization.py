@@ -23,6 +23,8 @@ import numbers
 import torch
 from torch import nn
 
+from ._fx import leaf_call
+
 __all__ = [
     "TTQWeightQuantizer",
     "binary_mean_scaling_quantize",
@@ -61,6 +63,8 @@ def _mean_abs(w: torch.Tensor) -> torch.Tensor:
 class _BinaryMeanScaling(torch.autograd.Function):
     """Autograd function behind :func:`binary_mean_scaling_quantize`."""
 
+    generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
+
     @staticmethod
     def forward(w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return _signed_scale(w, _mean_abs(w))
@@ -87,6 +91,8 @@ def _channel_mean_abs(w: torch.Tensor) -> torch.Tensor:
 
 class _BinaryChannelWiseMeanScaling(torch.autograd.Function):
     """Autograd function behind :func:`binary_channel_wise_mean_scaling_quantize`."""
+
+    generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
 
     @staticmethod
     def forward(w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -120,6 +126,9 @@ def binary_mean_scaling_quantize(w: torch.Tensor) -> torch.Tensor:
     Raises:
         TypeError: if ``w`` is not a floating-point tensor.
     """
+    traced = leaf_call(binary_mean_scaling_quantize, w)
+    if traced is not None:
+        return traced
     _check_weight(w, "binary_mean_scaling_quantize")
     return _BinaryMeanScaling.apply(w)
 
@@ -146,6 +155,9 @@ def binary_channel_wise_mean_scaling_quantize(w: torch.Tensor) -> torch.Tensor:
         TypeError: if ``w`` is not a floating-point tensor.
         ValueError: if ``w`` is 0-dim (it has no output-channel dim).
     """
+    traced = leaf_call(binary_channel_wise_mean_scaling_quantize, w)
+    if traced is not None:
+        return traced
     _check_weight(w, "binary_channel_wise_mean_scaling_quantize")
     if w.dim() == 0:
         raise ValueError(
@@ -202,6 +214,8 @@ def _ttq_masks(w: torch.Tensor, threshold: float):
 
 class _TTQ(torch.autograd.Function):
     """Autograd function behind :func:`ttq_weight_quantize`."""
+
+    generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
 
     @staticmethod
     def forward(w, positive, negative, threshold):  # type: ignore[override]
@@ -273,6 +287,9 @@ def ttq_weight_quantize(
         ValueError: ``w`` empty, a scale not 0-dim, ``threshold`` out of range.
     """
     name = "ttq_weight_quantize"
+    traced = leaf_call(ttq_weight_quantize, w, positive, negative, threshold)
+    if traced is not None:
+        return traced
     _check_nonempty(w, name)
     _check_scale(positive, w, name, "positive")
     _check_scale(negative, w, name, "negative")
@@ -313,6 +330,8 @@ class TTQWeightQuantizer(nn.Module):
 
 class _TWN(torch.autograd.Function):
     """Autograd function behind :func:`twn_weight_quantize`."""
+
+    generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
 
     @staticmethod
     def forward(w, threshold):  # type: ignore[override]
@@ -370,6 +389,9 @@ def twn_weight_quantize(w: torch.Tensor, threshold: float = 0.7) -> torch.Tensor
         ValueError: ``w`` empty, ``threshold`` negative or not finite.
     """
     name = "twn_weight_quantize"
+    traced = leaf_call(twn_weight_quantize, w, threshold)
+    if traced is not None:
+        return traced
     _check_nonempty(w, name)
     threshold = _check_threshold(name, threshold, below_one=False)
     return _TWN.apply(w, threshold)
