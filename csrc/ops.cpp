@@ -114,6 +114,7 @@ TORCH_LIBRARY(torch_ext, m) {
 
   // Bit-packed low-bit inference (csrc/torch_ext/packed.h, docs/deploy.md).
   m.def("pack_codes(Tensor codes, int bit) -> Tensor");
+  m.def("quantize_pack_codes(Tensor x, int bit, float max_value) -> Tensor");
   m.def("unpack_codes(Tensor packed, int channels) -> Tensor");
   m.def("pack_binary_weights(Tensor weight) -> Tensor");
   m.def("packed_space_to_depth(Tensor packed, int channels, int block) -> Tensor");

@@ -18,6 +18,12 @@ at::Tensor pack_codes(const at::Tensor& codes, int64_t bit) {
   return op.call(codes, bit);
 }
 
+at::Tensor quantize_pack_codes(const at::Tensor& x, int64_t bit, double max_value) {
+  static auto op =
+      packed_op("torch_ext::quantize_pack_codes").typed<at::Tensor(const at::Tensor&, int64_t, double)>();
+  return op.call(x, bit, max_value);
+}
+
 at::Tensor unpack_codes(const at::Tensor& packed, int64_t channels) {
   static auto op = packed_op("torch_ext::unpack_codes").typed<at::Tensor(const at::Tensor&, int64_t)>();
   return op.call(packed, channels);

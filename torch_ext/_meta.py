@@ -83,6 +83,15 @@ def _pack_codes_fake(codes, bit):
     return codes.new_empty((n, h, w, bit, _packed_words(c)), dtype=torch.int64)
 
 
+@torch.library.register_fake("torch_ext::quantize_pack_codes")
+def _quantize_pack_codes_fake(x, bit, max_value):
+    torch._check(1 <= bit <= 4, lambda: f"quantize_pack_codes: bit must be in 1..4, got bit={bit}")
+    torch._check(x.dtype == torch.float32, lambda: f"quantize_pack_codes: x must be float32, got {x.dtype}")
+    torch._check(x.dim() == 4 and x.shape[1] >= 1, lambda: "quantize_pack_codes: x must be [N, C, H, W]")
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, bit, _packed_words(c)), dtype=torch.int64)
+
+
 @torch.library.register_fake("torch_ext::unpack_codes")
 def _unpack_codes_fake(packed, channels):
     _check_packed("unpack_codes", "packed", packed, channels)

@@ -22,8 +22,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace torch_ext {
 namespace cpu {
@@ -310,16 +316,183 @@ bool cpu_has_avx2_popcnt() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
   return has;
 }
+
+// TORCH_EXT_PACKED_ISA=baseline|avx2 caps the kernels used (for tests and
+// comparisons); by default the best the CPU has. Read at each call.
+int isa_cap() {
+  const char* env = std::getenv("TORCH_EXT_PACKED_ISA");
+  if (env == nullptr) {
+    return 2;
+  }
+  if (std::strcmp(env, "baseline") == 0) {
+    return 0;
+  }
+  if (std::strcmp(env, "avx2") == 0) {
+    return 1;
+  }
+  return 2;
+}
+#endif
+
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+// AVX-512 with VPOPCNTQ: 16 output pixels a tile, one 64-bit lane each (two
+// vectors), so that every weight word is broadcast once and meets 16 pixels'
+// words in one AND + VPOPCNTQ + ADD per vector and plane. The threshold
+// output is computed in the same registers: each channel's 16 codes come
+// from vector compares, and their bits are OR-ed into the 16 pixels' output
+// words, which are stored when a word of 64 channels is complete.
+#define TORCH_EXT_AVX512_TARGET \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,popcnt,avx2")))
+constexpr int kLanes = 16;
+
+bool cpu_has_avx512_vpopcnt() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
+  return has;
+}
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own temporaries.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int BIT>
+TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* x, const word_t* w,
+                                               const Output& out, int64_t tile_begin, int64_t tile_end) {
+  const int64_t K = g.K();
+  const word_t last_mask = last_word_mask(g.C);
+  const bool threshold = out.kind == OutKind::kThreshold;
+  std::vector<word_t> scratch(static_cast<size_t>(BIT * K));
+  std::vector<word_t> buf(static_cast<size_t>(BIT * K * kLanes));  // [p][k][lane]
+  std::vector<int32_t> accbuf(threshold ? 0 : static_cast<size_t>(kLanes * g.O));
+  alignas(64) int64_t ones[BIT][kLanes];
+  alignas(64) int64_t lanes[kLanes];
+  const int64_t pixels = g.pixels();
+  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+    const int64_t first = tile * kLanes;
+    const int64_t count = std::min<int64_t>(kLanes, pixels - first);
+    for (int t = 0; t < kLanes; ++t) {
+      int64_t pix_ones[BIT];
+      if (t < count) {
+        gather_pixel<BIT>(g, x, last_mask, first + t, scratch.data(), pix_ones);
+        for (int64_t k = 0; k < BIT * K; ++k) {
+          buf[k * kLanes + t] = scratch[k];
+        }
+      } else {
+        for (int64_t k = 0; k < BIT * K; ++k) {
+          buf[k * kLanes + t] = 0;
+        }
+        for (int p = 0; p < BIT; ++p) {
+          pix_ones[p] = 0;
+        }
+      }
+      for (int p = 0; p < BIT; ++p) {
+        ones[p][t] = pix_ones[p];
+      }
+    }
+    __m512i ones_v[2][BIT];
+    for (int p = 0; p < BIT; ++p) {
+      ones_v[0][p] = _mm512_load_si512(&ones[p][0]);
+      ones_v[1][p] = _mm512_load_si512(&ones[p][8]);
+    }
+    __m512i ow[2][4];
+    for (int p = 0; p < 4; ++p) {
+      ow[0][p] = _mm512_setzero_si512();
+      ow[1][p] = _mm512_setzero_si512();
+    }
+    const word_t* bp = buf.data();
+    for (int64_t o = 0; o < g.O; ++o) {
+      const word_t* wo = w + o * K;
+      __m512i s0[BIT], s1[BIT];
+      for (int p = 0; p < BIT; ++p) {
+        s0[p] = _mm512_setzero_si512();
+        s1[p] = _mm512_setzero_si512();
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const __m512i wv = _mm512_set1_epi64(static_cast<long long>(wo[k]));
+        for (int p = 0; p < BIT; ++p) {
+          const word_t* a = bp + (p * K + k) * kLanes;
+          s0[p] = _mm512_add_epi64(s0[p], _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(a), wv)));
+          s1[p] = _mm512_add_epi64(s1[p], _mm512_popcnt_epi64(_mm512_and_si512(_mm512_loadu_si512(a + 8), wv)));
+        }
+      }
+      __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+      for (int p = 0; p < BIT; ++p) {
+        acc0 = _mm512_add_epi64(acc0, _mm512_slli_epi64(_mm512_sub_epi64(_mm512_slli_epi64(s0[p], 1), ones_v[0][p]), p));
+        acc1 = _mm512_add_epi64(acc1, _mm512_slli_epi64(_mm512_sub_epi64(_mm512_slli_epi64(s1[p], 1), ones_v[1][p]), p));
+      }
+      // |acc| < 2^31 (checked): the narrowing is exact.
+      __m512i acc32 = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(acc0)),
+                                         _mm512_cvtepi64_epi32(acc1), 1);
+      if (!threshold) {
+        _mm512_store_si512(lanes, acc0);
+        for (int t = 0; t < 8; ++t) {
+          accbuf[t * g.O + o] = static_cast<int32_t>(lanes[t]);
+        }
+        _mm512_store_si512(lanes, acc1);
+        for (int t = 0; t < 8; ++t) {
+          accbuf[(t + 8) * g.O + o] = static_cast<int32_t>(lanes[t]);
+        }
+        continue;
+      }
+      if (out.direction[o] < 0) {
+        acc32 = _mm512_sub_epi32(_mm512_setzero_si512(), acc32);
+      }
+      const int32_t* th = out.thresholds + o * out.levels;
+      __m512i code = _mm512_setzero_si512();
+      const __m512i one = _mm512_set1_epi32(1);
+      for (int64_t k = 0; k < out.levels; ++k) {
+        const __mmask16 ge = _mm512_cmpge_epi32_mask(acc32, _mm512_set1_epi32(th[k]));
+        code = _mm512_mask_add_epi32(code, ge, code, one);
+      }
+      const __m512i bit = _mm512_set1_epi64(static_cast<long long>(word_t(1) << (o % kPackedWordBits)));
+      for (int64_t p = 0; p < out.out_bit; ++p) {
+        const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << p));
+        ow[0][p] = _mm512_mask_or_epi64(ow[0][p], static_cast<__mmask8>(set), ow[0][p], bit);
+        ow[1][p] = _mm512_mask_or_epi64(ow[1][p], static_cast<__mmask8>(set >> 8), ow[1][p], bit);
+      }
+      if (o % kPackedWordBits == kPackedWordBits - 1 || o == g.O - 1) {
+        const int64_t word = o / kPackedWordBits;
+        for (int64_t p = 0; p < out.out_bit; ++p) {
+          alignas(64) word_t words[kLanes];
+          _mm512_store_si512(words, ow[0][p]);
+          _mm512_store_si512(words + 8, ow[1][p]);
+          for (int64_t t = 0; t < count; ++t) {
+            out.packed[(first + t) * out.out_bit * out.out_words + p * out.out_words + word] = words[t];
+          }
+          ow[0][p] = _mm512_setzero_si512();
+          ow[1][p] = _mm512_setzero_si512();
+        }
+      }
+    }
+    if (!threshold) {
+      for (int64_t t = 0; t < count; ++t) {
+        write_pixel(g, out, first + t, accbuf.data() + t * g.O);
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
 #endif
 
 template <int BIT>
 void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Output& out) {
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+  const int cap = isa_cap();
+  if (cap >= 2 && cpu_has_avx512_vpopcnt()) {
+    const int64_t tiles = (g.pixels() + kLanes - 1) / kLanes;
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, BIT * g.K() * g.O));
+    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+      conv_tiles_avx512<BIT>(g, x, w, out, begin, end);
+    });
+    return;
+  }
+#endif
   const int64_t tiles = (g.pixels() + kTile - 1) / kTile;
   // About 64k word operations a task at least.
   const int64_t work = std::max<int64_t>(1, kTile * BIT * g.K() * g.O);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const bool avx2 = cpu_has_avx2_popcnt();
+  const bool avx2 = cap >= 1 && cpu_has_avx2_popcnt();
 #else
   const bool avx2 = false;
 #endif
@@ -474,6 +647,59 @@ at::Tensor pack_codes_cpu(const at::Tensor& codes, int64_t bit) {
   return out;
 }
 
+// float32 [N, C, H, W] -> packed codes, the code of each element computed as
+// torch_ext.quantize_to_codes does (docs/quantizer.md, float32 steps: clip,
+// divide by m, multiply by n, add 0.5, floor; NaN gives code 0).
+at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double max_value) {
+  const char* op = "quantize_pack_codes";
+  check_code_bit(op, "bit", bit);
+  TORCH_CHECK_VALUE(std::isfinite(max_value) && max_value > 0.0, op,
+                    ": max_value must be finite and > 0, got max_value=", max_value);
+  TORCH_CHECK_TYPE(x_in.scalar_type() == at::kFloat, op, ": x must be a float32 tensor, got x of dtype ",
+                   x_in.scalar_type());
+  check_cpu(x_in, op, "x");
+  TORCH_CHECK_VALUE(x_in.dim() == 4 && x_in.size(1) >= 1, op,
+                    ": x must have shape [N, C, H, W] with C >= 1, got x of shape ", x_in.sizes());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t HW = H * W;
+  const int64_t words = packed_words(C);
+  at::Tensor out = at::zeros({N, H, W, bit, words}, x.options().dtype(at::kLong));
+  const float m = static_cast<float>(max_value);
+  const float n = static_cast<float>((int64_t(1) << bit) - 1);
+  const float* src = x.const_data_ptr<float>();
+  auto* dst = reinterpret_cast<word_t*>(out.data_ptr<int64_t>());
+  constexpr int64_t kChunk = 256;  // pixels of one image a task
+  const int64_t chunks_per_image = (HW + kChunk - 1) / kChunk;
+  at::parallel_for(0, N * chunks_per_image, 1, [&](int64_t b, int64_t e) {
+    uint8_t codes[kChunk];
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t nimg = task / chunks_per_image;
+      const int64_t start = (task % chunks_per_image) * kChunk;
+      const int64_t count = std::min<int64_t>(kChunk, HW - start);
+      for (int64_t c = 0; c < C; ++c) {
+        const float* s = src + (nimg * C + c) * HW + start;
+        for (int64_t j = 0; j < count; ++j) {
+          const float v = s[j];
+          const float clipped = v < 0.0f ? 0.0f : (v > m ? m : v);
+          const float level = std::floor((clipped / m) * n + 0.5f);
+          codes[j] = level == level ? static_cast<uint8_t>(level) : 0;  // NaN -> 0
+        }
+        const word_t one = word_t(1) << (c % kPackedWordBits);
+        word_t* d = dst + (nimg * HW + start) * bit * words + c / kPackedWordBits;
+        for (int64_t j = 0; j < count; ++j) {
+          for (int64_t p = 0; p < bit; ++p) {
+            if ((codes[j] >> p) & 1) {
+              d[(j * bit + p) * words] |= one;
+            }
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 at::Tensor unpack_codes_cpu(const at::Tensor& packed_in, int64_t channels) {
   const char* op = "unpack_codes";
   check_channels(op, "channels", channels);
@@ -586,6 +812,7 @@ at::Tensor pack_binary_weights_cpu(const at::Tensor& weight) {
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("pack_codes", &torch_ext::cpu::pack_codes_cpu);
+  m.impl("quantize_pack_codes", &torch_ext::cpu::quantize_pack_codes_cpu);
   m.impl("unpack_codes", &torch_ext::cpu::unpack_codes_cpu);
   m.impl("pack_binary_weights", &torch_ext::cpu::pack_binary_weights_cpu);
   m.impl("packed_space_to_depth", &torch_ext::cpu::packed_space_to_depth_cpu);

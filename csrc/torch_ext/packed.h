@@ -30,6 +30,9 @@ inline int64_t packed_words(int64_t channels) {
 
 // uint8 codes [N, C, H, W] in 0..2^bit-1 (bit 1..4) -> packed codes.
 at::Tensor pack_codes(const at::Tensor& codes, int64_t bit);
+// float32 [N, C, H, W] -> packed codes of quantize_to_codes(x, bit, max_value)
+// (docs/quantizer.md), without the uint8 tensor in between.
+at::Tensor quantize_pack_codes(const at::Tensor& x, int64_t bit, double max_value);
 // packed codes -> uint8 codes [N, channels, H, W].
 at::Tensor unpack_codes(const at::Tensor& packed, int64_t channels);
 // Floating weight [O, I, kh, kw] -> packed sign bits [O, kh, kw, words(I)].

@@ -72,27 +72,18 @@ class FloatSpaceToDepth(nn.Module):
 class QuantizeStage(Stage):
     """Float -> packed codes: ``quantize_to_codes(x, bit, max_value)`` (docs/quantizer.md), then packing.
 
-    The steps are those of :func:`torch_ext.quantize_to_codes` for float32
-    input, each one rounded in float32, so the codes are the same bits.
+    ``torch.ops.torch_ext.quantize_pack_codes`` computes each code with the
+    steps of :func:`torch_ext.quantize_to_codes` for float32 input, each one
+    rounded in float32, so the codes are the same.
     """
 
     def __init__(self, key: str, channels: int, bit: int, max_value: float) -> None:
         super().__init__(key, channels)
         self.bit = bit
         self.max_value = max_value
-        self.register_buffer("m", torch.tensor(max_value, dtype=torch.float32))
-        self.register_buffer("n", torch.tensor(2.0**bit - 1.0, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        c = torch.where(x < 0, zero, x)
-        c = torch.where(c > self.m, self.m, c)
-        v = torch.div(c, self.m)
-        v = torch.mul(v, self.n)
-        v = torch.add(v, 0.5)
-        v = torch.floor(v)
-        v = torch.nan_to_num(v, nan=0.0)
-        return torch.ops.torch_ext.pack_codes(v.to(torch.uint8), self.bit)
+        return torch.ops.torch_ext.quantize_pack_codes(x, self.bit, self.max_value)
 
 
 class CodesToFloatStage(Stage):
