@@ -533,6 +533,15 @@ def test_tampered_saved_model(tmp_path):
         loaded(x)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"quantize_last_convolution": False}, {"quantize_last_convolution": True}])
+def test_weights_are_25x_smaller_than_float(kwargs):
+    from torch_ext.deploy.__main__ import float_weight_bytes
+
+    model = LmnetV1Quantize(**kwargs).eval()
+    deployed = deploy.convert(model)
+    assert float_weight_bytes(model) >= 25 * deployed.weight_bytes()
+
+
 # --------------------------------------------------------------------------
 # A trained model on the digits test set.
 
@@ -581,3 +590,36 @@ def test_digits_trained_model_predictions_agree():
     assert acc_model > 0.5, acc_model  # the model did learn
     assert agree >= 0.999, agree
     assert abs(acc_model - acc_deployed) <= 0.001
+
+
+# --------------------------------------------------------------------------
+# python -m torch_ext.deploy
+
+
+@pytest.mark.slow
+def test_deploy_command_converts_a_training_checkpoint(tmp_path):
+    from torch_ext import train
+    from torch_ext.deploy.__main__ import cli, main
+
+    run = tmp_path / "run"
+    train.main(["--model", "lmnet_v1_quantize", "--image-size", "8", "--batch-size", "64", "--no-progress",
+                "--device", "cpu", "--threads", "1", "--epochs", "1", "--out", str(run)])
+    out = tmp_path / "model.pt"
+    result = main([str(run / "checkpoint.pt"), "--out", str(out), "--eval"])
+    assert out.is_file()
+    assert result["images"] == 360
+    assert result["agreement"] >= 0.99
+    assert abs(result["deployed_accuracy"] - result["pytorch_accuracy"]) <= 0.01
+    assert result["float_weight_bytes"] >= 25 * result["weight_bytes"]
+    # The saved file runs in a fresh process that only imports torch_ext.
+    code = ("import torch, torch_ext; m = torch.jit.load(%r); "
+            "print(tuple(m(torch.rand(2, 1, 8, 8)).shape), sorted(m.codes(torch.rand(1, 1, 8, 8))))" % str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "(2, 10)" in proc.stdout and "'conv5.act'" in proc.stdout
+    # Errors: a clear message and exit status 2.
+    assert cli([str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert cli([str(garbage), "--out", str(out)]) == 2
