@@ -115,17 +115,20 @@ def _packed_layers(deployed, x: torch.Tensor) -> List[Dict[str, Any]]:
 
 
 def run(batch_sizes: Sequence[int] = (1, 64), threads: int = 2, repeats: int = 30,
-        out: TextIO = sys.stdout) -> Dict[str, Any]:
-    """Measure the candidates and the per-layer rates; print the tables to ``out``; return the figures."""
+        out: TextIO = sys.stdout, onnx: bool = True) -> Dict[str, Any]:
+    """Measure the candidates and the per-layer rates; print the tables to ``out``; return the figures.
+
+    ``onnx=False`` leaves out the onnxruntime candidate (its export takes a while).
+    """
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(batch_sizes, threads, repeats, out)
+        return _run(batch_sizes, threads, repeats, out, onnx)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(batch_sizes, threads, repeats, out) -> Dict[str, Any]:
+def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
     from .__main__ import float_weight_bytes
 
     quant, flt = _models()
@@ -153,7 +156,7 @@ def _run(batch_sizes, threads, repeats, out) -> Dict[str, Any]:
                 "float_lmnet": lambda: flt(x),
                 "w1a2_pytorch": lambda: quant(x),
             }
-            runner = _onnx_runner(quant, batch, threads, folder)
+            runner = _onnx_runner(quant, batch, threads, folder) if onnx else None
             if runner is not None:
                 fns["w1a2_onnxruntime"] = lambda: runner(x)
             calls = max(1, 8 // batch)
@@ -193,11 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime candidate")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise ValueError(f"--threads, --repeats and --batch-sizes must be >= 1, got {args.threads}, "
                          f"{args.repeats}, {args.batch_sizes}")
-    result = run(args.batch_sizes, args.threads, args.repeats)
+    result = run(args.batch_sizes, args.threads, args.repeats, onnx=not args.no_onnx)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
