@@ -8,6 +8,7 @@
 // EXPECTED.pt (written by examples/make_deployed_model.py) it exits non-zero
 // unless the logits and conv3's codes equal what Python computed.
 #include <torch_ext/packed.h>
+#include <torch_ext/torch_ext.h>
 
 #include <torch/script.h>
 #include <torch/torch.h>
@@ -21,8 +22,10 @@ int main(int argc, char* argv[]) {
     std::cerr << "usage: " << argv[0] << " MODEL.pt [EXPECTED.pt]\n";
     return 2;
   }
-  // A call into libtorch_ext keeps it linked, so its operators are registered.
-  std::cout << "torch_ext packs " << torch_ext::kPackedWordBits << " channels a word\n";
+  // A call into libtorch_ext keeps it linked (linkers drop unused shared
+  // libraries), so that loading it registers the torch_ext operators.
+  std::cout << "torch_ext packs " << torch_ext::kPackedWordBits << " channels a word; CUDA kernels: "
+            << (torch_ext::built_with_cuda() ? "yes" : "no") << "\n";
   torch::jit::Module model;
   try {
     model = torch::jit::load(argv[1]);
