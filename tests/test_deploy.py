@@ -152,7 +152,7 @@ def test_pack_unpack_space_to_depth(c, bit):
     assert torch.equal(ops.unpack_codes(s2d, 4 * c), SpaceToDepth(2)(codes))
 
 
-def test_quantize_pack_codes_equals_quantize_to_codes():
+def test_quantize_pack_codes_equals_quantize_to_codes(isa):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 70, 5, 6, generator=gen) * 2
     for bit, m in [(1, 2.0), (2, 2.0), (3, 1.5), (4, 6.0)]:

@@ -650,6 +650,92 @@ at::Tensor pack_codes_cpu(const at::Tensor& codes, int64_t bit) {
 // float32 [N, C, H, W] -> packed codes, the code of each element computed as
 // torch_ext.quantize_to_codes does (docs/quantizer.md, float32 steps: clip,
 // divide by m, multiply by n, add 0.5, floor; NaN gives code 0).
+//
+// A task is a chunk of kQChunk pixels of one image: the codes are computed
+// channel by channel over contiguous pixels (vectorized), transposed to
+// pixel-major bytes, and each word of 64 channels is built from 64 bytes
+// (with AVX-512BW one masked load and one test a plane).
+constexpr int64_t kQChunk = 256;
+
+struct QuantizePackArgs {
+  const float* src;  // the image's [C, H*W]
+  int64_t C, HW, start, count, bit, words;
+  float m, n;
+  word_t* dst;  // the chunk's first pixel in the output
+};
+
+// The codes of a chunk, pixel-major: jc[j * C + c].
+C10_ALWAYS_INLINE void quantize_chunk(const QuantizePackArgs& a, uint8_t* cj, uint8_t* jc) {
+  for (int64_t c = 0; c < a.C; ++c) {
+    const float* s = a.src + c * a.HW + a.start;
+    uint8_t* o = cj + c * kQChunk;
+    for (int64_t j = 0; j < a.count; ++j) {
+      const float v = s[j];
+      const float clipped = v < 0.0f ? 0.0f : (v > a.m ? a.m : v);
+      const float level = std::floor((clipped / a.m) * a.n + 0.5f);
+      const float safe = level == level ? level : 0.0f;  // NaN -> 0
+      o[j] = static_cast<uint8_t>(static_cast<int32_t>(safe));
+    }
+  }
+  for (int64_t j = 0; j < a.count; ++j) {
+    for (int64_t c = 0; c < a.C; ++c) {
+      jc[j * a.C + c] = cj[c * kQChunk + j];
+    }
+  }
+}
+
+C10_ALWAYS_INLINE void pack_chunk_scalar(const QuantizePackArgs& a, const uint8_t* jc) {
+  for (int64_t j = 0; j < a.count; ++j) {
+    const uint8_t* row = jc + j * a.C;
+    word_t* d = a.dst + j * a.bit * a.words;
+    for (int64_t wd = 0; wd < a.words; ++wd) {
+      const int64_t c0 = wd * kPackedWordBits;
+      const int64_t cnt = std::min<int64_t>(kPackedWordBits, a.C - c0);
+      for (int64_t p = 0; p < a.bit; ++p) {
+        word_t word = 0;
+        for (int64_t c = 0; c < cnt; ++c) {
+          word |= static_cast<word_t>((row[c0 + c] >> p) & 1) << c;
+        }
+        d[p * a.words + wd] = word;
+      }
+    }
+  }
+}
+
+void quantize_pack_baseline(const QuantizePackArgs& a, uint8_t* cj, uint8_t* jc) {
+  quantize_chunk(a, cj, jc);
+  pack_chunk_scalar(a, jc);
+}
+
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+// AVX2 has a vector floor (vroundps); the baseline ISA does not.
+__attribute__((target("avx2,popcnt"))) void quantize_pack_avx2(const QuantizePackArgs& a, uint8_t* cj,
+                                                                uint8_t* jc) {
+  quantize_chunk(a, cj, jc);
+  pack_chunk_scalar(a, jc);
+}
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// A word of 64 channels and one plane is one masked byte load and one test.
+TORCH_EXT_AVX512_TARGET void quantize_pack_avx512(const QuantizePackArgs& a, uint8_t* cj, uint8_t* jc) {
+  quantize_chunk(a, cj, jc);
+  for (int64_t j = 0; j < a.count; ++j) {
+    const uint8_t* row = jc + j * a.C;
+    word_t* d = a.dst + j * a.bit * a.words;
+    for (int64_t wd = 0; wd < a.words; ++wd) {
+      const int64_t c0 = wd * kPackedWordBits;
+      const int64_t cnt = std::min<int64_t>(kPackedWordBits, a.C - c0);
+      const __mmask64 load = cnt == 64 ? ~__mmask64(0) : ((__mmask64(1) << cnt) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi8(load, row + c0);
+      for (int64_t p = 0; p < a.bit; ++p) {
+        d[p * a.words + wd] = _mm512_test_epi8_mask(v, _mm512_set1_epi8(static_cast<char>(1 << p)));
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double max_value) {
   const char* op = "quantize_pack_codes";
   check_code_bit(op, "bit", bit);
@@ -664,37 +750,50 @@ at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double m
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t HW = H * W;
   const int64_t words = packed_words(C);
-  at::Tensor out = at::zeros({N, H, W, bit, words}, x.options().dtype(at::kLong));
+  at::Tensor out = at::empty({N, H, W, bit, words}, x.options().dtype(at::kLong));
+  if (out.numel() == 0) {
+    return out;
+  }
   const float m = static_cast<float>(max_value);
   const float n = static_cast<float>((int64_t(1) << bit) - 1);
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<word_t*>(out.data_ptr<int64_t>());
-  constexpr int64_t kChunk = 256;  // pixels of one image a task
-  const int64_t chunks_per_image = (HW + kChunk - 1) / kChunk;
-  at::parallel_for(0, N * chunks_per_image, 1, [&](int64_t b, int64_t e) {
-    uint8_t codes[kChunk];
+  const int64_t chunks_per_image = (HW + kQChunk - 1) / kQChunk;
+  const int cap = isa_cap();
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+  const int isa = cap >= 2 && cpu_has_avx512_vpopcnt() ? 2 : (cap >= 1 && cpu_has_avx2_popcnt() ? 1 : 0);
+#else
+  const int isa = 0;
+  (void)cap;
+#endif
+  at::parallel_for(0, N * chunks_per_image, std::max<int64_t>(1, 16384 / (C * kQChunk)), [&](int64_t b, int64_t e) {
+    std::vector<uint8_t> cj(static_cast<size_t>(C * kQChunk));
+    std::vector<uint8_t> jc(static_cast<size_t>(C * kQChunk));
     for (int64_t task = b; task < e; ++task) {
       const int64_t nimg = task / chunks_per_image;
-      const int64_t start = (task % chunks_per_image) * kChunk;
-      const int64_t count = std::min<int64_t>(kChunk, HW - start);
-      for (int64_t c = 0; c < C; ++c) {
-        const float* s = src + (nimg * C + c) * HW + start;
-        for (int64_t j = 0; j < count; ++j) {
-          const float v = s[j];
-          const float clipped = v < 0.0f ? 0.0f : (v > m ? m : v);
-          const float level = std::floor((clipped / m) * n + 0.5f);
-          codes[j] = level == level ? static_cast<uint8_t>(level) : 0;  // NaN -> 0
-        }
-        const word_t one = word_t(1) << (c % kPackedWordBits);
-        word_t* d = dst + (nimg * HW + start) * bit * words + c / kPackedWordBits;
-        for (int64_t j = 0; j < count; ++j) {
-          for (int64_t p = 0; p < bit; ++p) {
-            if ((codes[j] >> p) & 1) {
-              d[(j * bit + p) * words] |= one;
-            }
-          }
-        }
+      QuantizePackArgs a;
+      a.start = (task % chunks_per_image) * kQChunk;
+      a.count = std::min<int64_t>(kQChunk, HW - a.start);
+      a.src = src + nimg * C * HW;
+      a.C = C;
+      a.HW = HW;
+      a.bit = bit;
+      a.words = words;
+      a.m = m;
+      a.n = n;
+      a.dst = dst + (nimg * HW + a.start) * bit * words;
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+      if (isa == 2) {
+        quantize_pack_avx512(a, cj.data(), jc.data());
+        continue;
       }
+      if (isa == 1) {
+        quantize_pack_avx2(a, cj.data(), jc.data());
+        continue;
+      }
+#endif
+      (void)isa;
+      quantize_pack_baseline(a, cj.data(), jc.data());
     }
   });
   return out;
