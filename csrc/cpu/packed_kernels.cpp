@@ -158,13 +158,28 @@ struct Output {
 
 // Gathers pixel `pix` (an index into N * Ho * Wo) into buf[p * K + k] for
 // each plane p; returns the popcounts of each plane in ones[p].
+// Output pixel coordinates, advanced one pixel at a time (no divisions).
+struct PixelPos {
+  int64_t n, oy, ox;
+  PixelPos(const Geometry& g, int64_t pix) : n(pix / (g.Wo * g.Ho)), oy((pix / g.Wo) % g.Ho), ox(pix % g.Wo) {}
+  void next(const Geometry& g) {
+    if (++ox == g.Wo) {
+      ox = 0;
+      if (++oy == g.Ho) {
+        oy = 0;
+        ++n;
+      }
+    }
+  }
+};
+
 template <int BIT>
-C10_ALWAYS_INLINE void gather_pixel(const Geometry& g, const word_t* x, word_t last_mask, int64_t pix, word_t* buf,
-                                    int64_t* ones) {
+C10_ALWAYS_INLINE void gather_pixel(const Geometry& g, const word_t* x, word_t last_mask, const PixelPos& pos,
+                                    word_t* buf, int64_t* ones) {
   const int64_t K = g.K();
-  const int64_t ox = pix % g.Wo;
-  const int64_t oy = (pix / g.Wo) % g.Ho;
-  const int64_t n = pix / (g.Wo * g.Ho);
+  const int64_t ox = pos.ox;
+  const int64_t oy = pos.oy;
+  const int64_t n = pos.n;
   for (int p = 0; p < BIT; ++p) {
     ones[p] = 0;
   }
@@ -281,9 +296,11 @@ C10_ALWAYS_INLINE void conv_tiles(const Geometry& g, const word_t* x, const word
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t first = tile * kTile;
     const int64_t count = std::min<int64_t>(kTile, pixels - first);
+    PixelPos pos(g, first);
     for (int t = 0; t < kTile; ++t) {
       if (t < count) {
-        gather_pixel<BIT>(g, x, last_mask, first + t, buf.data() + t * BIT * K, ones + t * BIT);
+        gather_pixel<BIT>(g, x, last_mask, pos, buf.data() + t * BIT * K, ones + t * BIT);
+        pos.next(g);
       } else {
         std::memset(buf.data() + t * BIT * K, 0, sizeof(word_t) * BIT * K);
         for (int p = 0; p < BIT; ++p) {
@@ -370,10 +387,12 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t first = tile * kLanes;
     const int64_t count = std::min<int64_t>(kLanes, pixels - first);
+    PixelPos pos(g, first);
     for (int t = 0; t < kLanes; ++t) {
       int64_t pix_ones[BIT];
       if (t < count) {
-        gather_pixel<BIT>(g, x, last_mask, first + t, scratch.data(), pix_ones);
+        gather_pixel<BIT>(g, x, last_mask, pos, scratch.data(), pix_ones);
+        pos.next(g);
         for (int64_t k = 0; k < BIT * K; ++k) {
           buf[k * kLanes + t] = scratch[k];
         }
@@ -445,14 +464,21 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
         code = _mm512_mask_add_epi32(code, ge, code, one);
       }
       const __m512i bit = _mm512_set1_epi64(static_cast<long long>(word_t(1) << (o % kPackedWordBits)));
-      for (int64_t p = 0; p < out.out_bit; ++p) {
-        const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << p));
-        ow[0][p] = _mm512_mask_or_epi64(ow[0][p], static_cast<__mmask8>(set), ow[0][p], bit);
-        ow[1][p] = _mm512_mask_or_epi64(ow[1][p], static_cast<__mmask8>(set >> 8), ow[1][p], bit);
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        if (p < out.out_bit) {
+          const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << p));
+          ow[0][p] = _mm512_mask_or_epi64(ow[0][p], static_cast<__mmask8>(set), ow[0][p], bit);
+          ow[1][p] = _mm512_mask_or_epi64(ow[1][p], static_cast<__mmask8>(set >> 8), ow[1][p], bit);
+        }
       }
       if (o % kPackedWordBits == kPackedWordBits - 1 || o == g.O - 1) {
         const int64_t word = o / kPackedWordBits;
-        for (int64_t p = 0; p < out.out_bit; ++p) {
+#pragma GCC unroll 4
+        for (int p = 0; p < 4; ++p) {
+          if (p >= out.out_bit) {
+            continue;
+          }
           alignas(64) word_t words[kLanes];
           _mm512_store_si512(words, ow[0][p]);
           _mm512_store_si512(words + 8, ow[1][p]);
