@@ -45,6 +45,24 @@ inline word_t last_word_mask(int64_t channels) {
   return r == 0 ? ~word_t(0) : ((word_t(1) << r) - 1);
 }
 
+// ORs the `count` low bits of src (words) into dst starting at bit `offset`.
+inline void or_bits(word_t* dst, int64_t offset, const word_t* src, int64_t count) {
+  for (int64_t j = 0; j * kPackedWordBits < count; ++j) {
+    const int64_t n = std::min<int64_t>(kPackedWordBits, count - j * kPackedWordBits);
+    word_t v = src[j];
+    if (n < kPackedWordBits) {
+      v &= (word_t(1) << n) - 1;
+    }
+    const int64_t at_bit = offset + j * kPackedWordBits;
+    const int64_t word = at_bit / kPackedWordBits;
+    const int shift = static_cast<int>(at_bit % kPackedWordBits);
+    dst[word] |= v << shift;
+    if (shift != 0 && shift + n > kPackedWordBits) {
+      dst[word + 1] |= v >> (kPackedWordBits - shift);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Argument checks (the messages name the argument and the value).
 
@@ -75,7 +93,11 @@ void check_packed_codes(const char* op, const char* name, const at::Tensor& t, i
 
 struct Geometry {
   int64_t N, H, W, C, words, bit, O, kh, kw, sh, sw, ph, pw, Ho, Wo;
-  int64_t K() const { return kh * kw * words; }
+  // Words of one bit-plane of a gathered receptive field: the kh * kw taps'
+  // C channels back to back, so that channel counts that are not a multiple
+  // of 64 waste no popcounts (32 channels: two taps a word).
+  int64_t K() const { return packed_words(kh * kw * C); }
+  bool dense() const { return C % kPackedWordBits == 0; }
   int64_t pixels() const { return N * Ho * Wo; }
 };
 
@@ -177,37 +199,41 @@ template <int BIT>
 C10_ALWAYS_INLINE void gather_pixel(const Geometry& g, const word_t* x, word_t last_mask, const PixelPos& pos,
                                     word_t* buf, int64_t* ones) {
   const int64_t K = g.K();
-  const int64_t ox = pos.ox;
-  const int64_t oy = pos.oy;
-  const int64_t n = pos.n;
-  for (int p = 0; p < BIT; ++p) {
-    ones[p] = 0;
+  const bool dense = g.dense();
+  (void)last_mask;  // dense layouts have no padding bits; or_bits masks the others
+  if (!dense) {
+    std::memset(buf, 0, sizeof(word_t) * BIT * K);
   }
   for (int64_t ky = 0; ky < g.kh; ++ky) {
-    const int64_t iy = oy * g.sh - g.ph + ky;
+    const int64_t iy = pos.oy * g.sh - g.ph + ky;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
-      const int64_t ix = ox * g.sw - g.pw + kx;
-      const int64_t off = (ky * g.kw + kx) * g.words;
-      if (iy < 0 || iy >= g.H || ix < 0 || ix >= g.W) {
-        for (int p = 0; p < BIT; ++p) {
-          std::memset(buf + p * K + off, 0, sizeof(word_t) * g.words);
+      const int64_t ix = pos.ox * g.sw - g.pw + kx;
+      const int64_t tap = ky * g.kw + kx;
+      const bool inside = iy >= 0 && iy < g.H && ix >= 0 && ix < g.W;
+      if (!inside) {
+        if (dense) {
+          for (int p = 0; p < BIT; ++p) {
+            std::memset(buf + p * K + tap * g.words, 0, sizeof(word_t) * g.words);
+          }
         }
-        continue;
+        continue;  // zero padding: code 0
       }
-      const word_t* src = x + ((n * g.H + iy) * g.W + ix) * BIT * g.words;
+      const word_t* src = x + ((pos.n * g.H + iy) * g.W + ix) * BIT * g.words;
       for (int p = 0; p < BIT; ++p) {
-        word_t* dst = buf + p * K + off;
-        const word_t* s = src + p * g.words;
-        for (int64_t j = 0; j < g.words; ++j) {
-          dst[j] = s[j];
-        }
-        // Ignore whatever lies in the padding bits of the input's last word.
-        dst[g.words - 1] &= last_mask;
-        for (int64_t j = 0; j < g.words; ++j) {
-          ones[p] += __builtin_popcountll(dst[j]);
+        if (dense) {
+          std::memcpy(buf + p * K + tap * g.words, src + p * g.words, sizeof(word_t) * g.words);
+        } else {
+          or_bits(buf + p * K, tap * g.C, src + p * g.words, g.C);
         }
       }
     }
+  }
+  for (int p = 0; p < BIT; ++p) {
+    int64_t count = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      count += __builtin_popcountll(buf[p * K + k]);
+    }
+    ones[p] = count;
   }
 }
 
@@ -540,6 +566,19 @@ void run_conv(const Geometry& g, const at::Tensor& x, const at::Tensor& w, const
   }
   const auto* xp = reinterpret_cast<const word_t*>(x.const_data_ptr<int64_t>());
   const auto* wp = reinterpret_cast<const word_t*>(w.const_data_ptr<int64_t>());
+  // The weights in the gathered layout (taps back to back), once a call.
+  std::vector<word_t> compact;
+  if (!g.dense()) {
+    const int64_t K = g.K();
+    const int64_t taps = g.kh * g.kw;
+    compact.assign(static_cast<size_t>(g.O * K), 0);
+    for (int64_t o = 0; o < g.O; ++o) {
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        or_bits(compact.data() + o * K, tap * g.C, wp + (o * taps + tap) * g.words, g.C);
+      }
+    }
+    wp = compact.data();
+  }
   switch (g.bit) {
     case 1: run_conv_bit<1>(g, xp, wp, out); break;
     case 2: run_conv_bit<2>(g, xp, wp, out); break;
@@ -849,24 +888,6 @@ at::Tensor unpack_codes_cpu(const at::Tensor& packed_in, int64_t channels) {
     }
   });
   return nhwc.permute({0, 3, 1, 2}).contiguous();
-}
-
-// ORs the `count` low bits of src (words) into dst starting at bit `offset`.
-inline void or_bits(word_t* dst, int64_t offset, const word_t* src, int64_t count) {
-  for (int64_t j = 0; j * kPackedWordBits < count; ++j) {
-    const int64_t n = std::min<int64_t>(kPackedWordBits, count - j * kPackedWordBits);
-    word_t v = src[j];
-    if (n < kPackedWordBits) {
-      v &= (word_t(1) << n) - 1;
-    }
-    const int64_t at_bit = offset + j * kPackedWordBits;
-    const int64_t word = at_bit / kPackedWordBits;
-    const int shift = static_cast<int>(at_bit % kPackedWordBits);
-    dst[word] |= v << shift;
-    if (shift != 0 && shift + n > kPackedWordBits) {
-      dst[word + 1] |= v >> (kPackedWordBits - shift);
-    }
-  }
 }
 
 at::Tensor packed_space_to_depth_cpu(const at::Tensor& packed_in, int64_t channels, int64_t block) {
