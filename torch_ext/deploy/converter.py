@@ -222,22 +222,22 @@ def fold_thresholds(
     levels = 2**out_bit - 1
     acc = torch.arange(-bound, bound + 1, dtype=torch.int64)
     chunk = max(1, (1 << 22) // max(out_channels, 1))
-    codes = torch.cat([pipeline(acc[i:i + chunk]) for i in range(0, acc.numel(), chunk)], dim=1)
+    # int16 codes: [O, 2B + 1] stays small for wide layers too.
+    codes = torch.cat([pipeline(acc[i:i + chunk]).to(torch.int16) for i in range(0, acc.numel(), chunk)], dim=1)
     if codes.shape != (out_channels, acc.numel()):
         raise ValueError(f"fold_thresholds: pipeline gave codes of shape {tuple(codes.shape)}, expected "
                          f"{(out_channels, acc.numel())}")
     increasing = codes[:, -1] >= codes[:, 0]
-    # As a function of v = direction * acc, every channel's codes increase.
-    codes_v = torch.where(increasing.unsqueeze(1), codes, codes.flip(1))
-    steps = codes_v.diff(dim=1)
-    if (steps < 0).any():
-        bad = int((steps < 0).any(dim=1).nonzero()[0])
+    # As a function of v = direction * acc (v also runs over -B..B), every channel's codes increase.
+    codes_v = torch.where(increasing.unsqueeze(1), codes, codes.flip(1)).contiguous()
+    if (codes_v.diff(dim=1) < 0).any():
+        bad = int((codes_v.diff(dim=1) < 0).any(dim=1).nonzero()[0])
         raise ValueError(f"convert: module {name!r}: output channel {bad}'s codes are not monotone in the "
                          "accumulator; batch norm and quantizer cannot be folded into thresholds")
-    ks = torch.arange(1, levels + 1, dtype=torch.int64)
-    reached = codes_v.unsqueeze(1) >= ks.view(1, -1, 1)  # [O, levels, L]
-    first = reached.to(torch.uint8).argmax(dim=2)  # first index reaching k (0 when none)
-    thresholds = torch.where(reached.any(dim=2), first - bound, torch.full_like(first, bound + 1))
+    ks = torch.arange(1, levels + 1, dtype=torch.int16).expand(out_channels, levels).contiguous()
+    # The first v whose code is at least k (index 2B + 1: never, the threshold is B + 1).
+    first = torch.searchsorted(codes_v, ks, side="left")
+    thresholds = first - bound
     direction = torch.where(increasing, 1, -1).to(torch.int32)
     return thresholds.to(torch.int32).contiguous(), direction.contiguous()
 
@@ -339,9 +339,7 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, i
             raise ValueError(f"convert: {name!r} is on {tensor.device}; move the model to the CPU first")
     for name, module in model.named_modules():
         if isinstance(module, QuantActivation):
-            _quant_params(name, module)
-            if module.backward is not None:
-                pass  # the backward plays no part in inference
+            _quant_params(name, module)  # (a custom backward plays no part in inference)
     if example_input is None:
         example_input = _example_input(model, image_size)
     traced = _trace_chain(model, example_input)
