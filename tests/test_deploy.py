@@ -637,3 +637,23 @@ def test_bench_runs_and_reports_every_candidate():
                                                                     "conv5.act", "stage9"]
     assert result["weight_bytes"]["float_lmnet"] >= 25 * result["weight_bytes"]["deployed"]
     assert "float/this" in text.getvalue() and "Gbop/s" in text.getvalue()
+
+
+def test_inplace_quantizers_channels_last_and_clip_only():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), torch_ext.QuantActivation(2, 2.0, inplace=True),
+        torch_ext.QuantConv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+        torch_ext.QuantActivation(2, 2.0, inplace=True), nn.Flatten(),
+    )
+    _randomize_batch_norm(model, torch.Generator().manual_seed(3))
+    model.eval()
+    deployed = deploy.convert(model, torch.zeros(1, 3, 6, 6))
+    x = torch.rand(2, 3, 6, 6)
+    with torch.no_grad():
+        want = model(x.clone())
+    got = deployed(x.to(memory_format=torch.channels_last))
+    assert torch.equal(got, want)
+    clip_only = nn.Sequential(nn.Conv2d(3, 8, 3), torch_ext.QuantActivation(32, 2.0)).eval()
+    with pytest.raises(ValueError, match=r"'1' \(QuantActivation\): bit=32"):
+        deploy.convert(clip_only)
