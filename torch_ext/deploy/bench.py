@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,14 @@ def _models(seed: int = 0):
                     m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.2)
                     m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return quant.eval(), flt.eval()
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (other work on the machine slows every candidate), where the OS tells it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, calls: int, warmup: int = 2) -> Dict[str, float]:
@@ -141,8 +150,10 @@ def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
         "batches": {}, "layers": {},
     }
     wb = result["weight_bytes"]
+    load = _load_average()
+    result["load_average_before"] = load
     print(f"Deployed LmnetV1Quantize (W1A2) vs float, {IMAGE_SIZE}x{IMAGE_SIZE}, {threads} threads, median of "
-          f"{repeats} interleaved rounds", file=out)
+          f"{repeats} interleaved rounds; {os.cpu_count()} CPUs, load average {load}", file=out)
     print(f"weights: deployed {wb['deployed']} bytes, float LmnetV1 {wb['float_lmnet']} bytes "
           f"({wb['float_lmnet'] / wb['deployed']:.1f}x smaller)", file=out)
     header = f"{'batch':>5}  {'candidate':<18} {'ms/batch':>10} {'ms/image':>10} {'float/this':>10}"
@@ -185,6 +196,8 @@ def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
                                "binary_ops": layer["binary_ops"], "gbops": rate})
             result["layers"][str(batch)] = rows_l
             print("", file=out)
+    result["load_average_after"] = _load_average()
+    print(f"load average after: {result['load_average_after']}", file=out)
     print("float/this: float LmnetV1 eval's median time / the candidate's (above 1: faster than float).", file=out)
     print("Gbop/s: 2 * N * Ho * Wo * O * C * kh * kw * bit binary operations a second.", file=out)
     return result
