@@ -45,6 +45,26 @@ inline word_t last_word_mask(int64_t channels) {
   return r == 0 ? ~word_t(0) : ((word_t(1) << r) - 1);
 }
 
+// ORs the `count` low bits of src (words) into the words dst[0], dst[stride],
+// dst[2 * stride], ... starting at bit `offset`.
+C10_ALWAYS_INLINE void or_bits_strided(word_t* dst, int64_t stride, int64_t offset, const word_t* src,
+                                       int64_t count) {
+  for (int64_t j = 0; j * kPackedWordBits < count; ++j) {
+    const int64_t n = std::min<int64_t>(kPackedWordBits, count - j * kPackedWordBits);
+    word_t v = src[j];
+    if (n < kPackedWordBits) {
+      v &= (word_t(1) << n) - 1;
+    }
+    const int64_t at_bit = offset + j * kPackedWordBits;
+    const int64_t word = at_bit / kPackedWordBits;
+    const int shift = static_cast<int>(at_bit % kPackedWordBits);
+    dst[word * stride] |= v << shift;
+    if (shift != 0 && shift + n > kPackedWordBits) {
+      dst[(word + 1) * stride] |= v >> (kPackedWordBits - shift);
+    }
+  }
+}
+
 // ORs the `count` low bits of src (words) into dst starting at bit `offset`.
 inline void or_bits(word_t* dst, int64_t offset, const word_t* src, int64_t count) {
   for (int64_t j = 0; j * kPackedWordBits < count; ++j) {
@@ -402,9 +422,8 @@ template <int BIT>
 TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* x, const word_t* w,
                                                const Output& out, int64_t tile_begin, int64_t tile_end) {
   const int64_t K = g.K();
-  const word_t last_mask = last_word_mask(g.C);
   const bool threshold = out.kind == OutKind::kThreshold;
-  std::vector<word_t> scratch(static_cast<size_t>(BIT * K));
+  const bool dense = g.dense();
   std::vector<word_t> buf(static_cast<size_t>(BIT * K * kLanes));  // [p][k][lane]
   std::vector<int32_t> accbuf(threshold ? 0 : static_cast<size_t>(kLanes * g.O));
   alignas(64) int64_t ones[BIT][kLanes];
@@ -413,25 +432,46 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t first = tile * kLanes;
     const int64_t count = std::min<int64_t>(kLanes, pixels - first);
+    // Gathered straight into the lanes: buf[(p * K + k) * kLanes + t]; lanes
+    // of taps outside the image and of pixels past the end stay 0.
+    std::memset(buf.data(), 0, sizeof(word_t) * buf.size());
     PixelPos pos(g, first);
-    for (int t = 0; t < kLanes; ++t) {
-      int64_t pix_ones[BIT];
-      if (t < count) {
-        gather_pixel<BIT>(g, x, last_mask, pos, scratch.data(), pix_ones);
-        pos.next(g);
-        for (int64_t k = 0; k < BIT * K; ++k) {
-          buf[k * kLanes + t] = scratch[k];
+    for (int64_t t = 0; t < count; ++t) {
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        const int64_t iy = pos.oy * g.sh - g.ph + ky;
+        if (iy < 0 || iy >= g.H) {
+          continue;
         }
-      } else {
-        for (int64_t k = 0; k < BIT * K; ++k) {
-          buf[k * kLanes + t] = 0;
-        }
-        for (int p = 0; p < BIT; ++p) {
-          pix_ones[p] = 0;
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          const int64_t ix = pos.ox * g.sw - g.pw + kx;
+          if (ix < 0 || ix >= g.W) {
+            continue;
+          }
+          const int64_t tap = ky * g.kw + kx;
+          const word_t* src = x + ((pos.n * g.H + iy) * g.W + ix) * BIT * g.words;
+          for (int p = 0; p < BIT; ++p) {
+            word_t* dst = buf.data() + p * K * kLanes + t;
+            if (dense) {
+              for (int64_t j = 0; j < g.words; ++j) {
+                dst[(tap * g.words + j) * kLanes] = src[p * g.words + j];
+              }
+            } else {
+              or_bits_strided(dst, kLanes, tap * g.C, src + p * g.words, g.C);
+            }
+          }
         }
       }
-      for (int p = 0; p < BIT; ++p) {
-        ones[p][t] = pix_ones[p];
+      pos.next(g);
+    }
+    for (int p = 0; p < BIT; ++p) {
+      for (int t = 0; t < kLanes; ++t) {
+        ones[p][t] = 0;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const word_t* row = buf.data() + (p * K + k) * kLanes;
+        for (int t = 0; t < kLanes; ++t) {
+          ones[p][t] += __builtin_popcountll(row[t]);
+        }
       }
     }
     __m512i ones_v[2][BIT];
