@@ -572,7 +572,11 @@ void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Out
   const int cap = isa_cap();
   if (cap >= 2 && cpu_has_avx512_vpopcnt()) {
     const int64_t tiles = (g.pixels() + kLanes - 1) / kLanes;
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, BIT * g.K() * g.O));
+    // At least ~1M word operations (tens of microseconds) a task: small layers
+    // at batch 1 stay on one thread, where waking another costs more than it
+    // brings on a busy machine.
+    const int64_t work = std::max<int64_t>(1, kLanes * BIT * g.K() * g.O);
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / work);
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
       conv_tiles_avx512<BIT>(g, x, w, out, begin, end);
     });

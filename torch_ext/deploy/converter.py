@@ -72,7 +72,7 @@ class DeployedModel(nn.Module):
         """Logits (the source model's output) for float32 images ``[N, C, H, W]`` on the CPU."""
         self._check_input(x)
         for stage in self.stages:
-            x = stage(x)
+            x = stage.forward(x)  # (no hooks: skips nn.Module.__call__'s overhead in eager mode)
         return x
 
     @torch.jit.export
@@ -81,7 +81,7 @@ class DeployedModel(nn.Module):
         self._check_input(x)
         out: Dict[str, torch.Tensor] = {}
         for stage in self.stages:
-            x = stage(x)
+            x = stage.forward(x)
             if stage.key != "":
                 out[stage.key] = stage.codes_of(x)
         return out
