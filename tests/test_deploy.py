@@ -657,3 +657,33 @@ def test_inplace_quantizers_channels_last_and_clip_only():
     clip_only = nn.Sequential(nn.Conv2d(3, 8, 3), torch_ext.QuantActivation(32, 2.0)).eval()
     with pytest.raises(ValueError, match=r"'1' \(QuantActivation\): bit=32"):
         deploy.convert(clip_only)
+
+
+@settings(max_examples=40)
+@given(
+    gamma=hst.floats(-3, 3), beta=hst.floats(-2, 2), mean=hst.floats(-5, 5), var=hst.floats(0.01, 4),
+    scale=hst.floats(0, 2), out_bit=hst.integers(1, 4), max_value=hst.floats(0.25, 6), bound=hst.integers(1, 300),
+    relu=hst.booleans(),
+)
+def test_fold_thresholds_property(gamma, beta, mean, var, scale, out_bit, max_value, bound, relu):
+    """The thresholds reproduce conv scale -> batch norm (-> ReLU) -> quantizer on every accumulator."""
+    bn = nn.BatchNorm2d(2, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([gamma, -gamma]))
+        bn.bias.fill_(beta)
+        bn.running_mean.fill_(mean)
+        bn.running_var.fill_(var)
+    modules = [bn] + ([nn.ReLU()] if relu else [])
+    s = torch.tensor([scale, scale / 2], dtype=torch.float64)
+
+    def pipeline(acc):
+        y = (acc.double().view(1, -1) * s.view(-1, 1) * (2.0 / 3.0)).float().unsqueeze(0).unsqueeze(-1)
+        with torch.no_grad():
+            for m in modules:
+                y = m(y)
+        return torch_ext.quantize_to_codes(y[0, :, :, 0], out_bit, max_value).long()
+
+    thresholds, direction = deploy.fold_thresholds(pipeline, 2, bound, out_bit)
+    acc = torch.arange(-bound, bound + 1)
+    got = (direction.view(-1, 1, 1).long() * acc.view(1, -1, 1) >= thresholds.view(2, 1, -1).long()).sum(-1)
+    assert torch.equal(got, pipeline(acc))
