@@ -426,7 +426,6 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
   const bool dense = g.dense();
   std::vector<word_t> buf(static_cast<size_t>(BIT * K * kLanes));  // [p][k][lane]
   std::vector<int32_t> accbuf(threshold ? 0 : static_cast<size_t>(kLanes * g.O));
-  alignas(64) int64_t ones[BIT][kLanes];
   alignas(64) int64_t lanes[kLanes];
   const int64_t pixels = g.pixels();
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
@@ -463,21 +462,16 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
       }
       pos.next(g);
     }
-    for (int p = 0; p < BIT; ++p) {
-      for (int t = 0; t < kLanes; ++t) {
-        ones[p][t] = 0;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const word_t* row = buf.data() + (p * K + k) * kLanes;
-        for (int t = 0; t < kLanes; ++t) {
-          ones[p][t] += __builtin_popcountll(row[t]);
-        }
-      }
-    }
+    // popcount(a_p) of each pixel, the 16 lanes at once.
     __m512i ones_v[2][BIT];
     for (int p = 0; p < BIT; ++p) {
-      ones_v[0][p] = _mm512_load_si512(&ones[p][0]);
-      ones_v[1][p] = _mm512_load_si512(&ones[p][8]);
+      ones_v[0][p] = _mm512_setzero_si512();
+      ones_v[1][p] = _mm512_setzero_si512();
+      for (int64_t k = 0; k < K; ++k) {
+        const word_t* row = buf.data() + (p * K + k) * kLanes;
+        ones_v[0][p] = _mm512_add_epi64(ones_v[0][p], _mm512_popcnt_epi64(_mm512_loadu_si512(row)));
+        ones_v[1][p] = _mm512_add_epi64(ones_v[1][p], _mm512_popcnt_epi64(_mm512_loadu_si512(row + 8)));
+      }
     }
     __m512i ow[2][4];
     for (int p = 0; p < 4; ++p) {
