@@ -517,17 +517,22 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
         acc32 = _mm512_sub_epi32(_mm512_setzero_si512(), acc32);
       }
       const int32_t* th = out.thresholds + o * out.levels;
-      __m512i code = _mm512_setzero_si512();
-      const __m512i one = _mm512_set1_epi32(1);
+      // ge[k]: the lanes whose code is >= k + 1. The thresholds ascend (checked),
+      // so these sets are nested and bit p of the code is the parity of how
+      // many of the levels 2^p, 2 * 2^p, 3 * 2^p, ... the code reaches.
+      uint32_t ge[15];
       for (int64_t k = 0; k < out.levels; ++k) {
-        const __mmask16 ge = _mm512_cmpge_epi32_mask(acc32, _mm512_set1_epi32(th[k]));
-        code = _mm512_mask_add_epi32(code, ge, code, one);
+        ge[k] = _mm512_cmpge_epi32_mask(acc32, _mm512_set1_epi32(th[k]));
       }
       const __m512i bit = _mm512_set1_epi64(static_cast<long long>(word_t(1) << (o % kPackedWordBits)));
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
         if (p < out.out_bit) {
-          const __mmask16 set = _mm512_test_epi32_mask(code, _mm512_set1_epi32(1 << p));
+          uint32_t parity = 0;
+          for (int64_t level = int64_t(1) << p; level <= out.levels; level += int64_t(1) << p) {
+            parity ^= ge[level - 1];
+          }
+          const __mmask16 set = static_cast<__mmask16>(parity);
           ow[0][p] = _mm512_mask_or_epi64(ow[0][p], static_cast<__mmask8>(set), ow[0][p], bit);
           ow[1][p] = _mm512_mask_or_epi64(ow[1][p], static_cast<__mmask8>(set >> 8), ow[1][p], bit);
         }
