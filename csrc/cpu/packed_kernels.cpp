@@ -216,11 +216,12 @@ struct PixelPos {
 };
 
 template <int BIT>
-C10_ALWAYS_INLINE void gather_pixel(const Geometry& g, const word_t* x, word_t last_mask, const PixelPos& pos,
+C10_ALWAYS_INLINE void gather_pixel(const Geometry& g, const word_t* x, const PixelPos& pos,
                                     word_t* buf, int64_t* ones) {
   const int64_t K = g.K();
   const bool dense = g.dense();
-  (void)last_mask;  // dense layouts have no padding bits; or_bits masks the others
+  // Dense layouts (C a multiple of 64) have no padding bits; or_bits masks
+  // those of the others, so whatever lies there is ignored.
   if (!dense) {
     std::memset(buf, 0, sizeof(word_t) * BIT * K);
   }
@@ -334,7 +335,6 @@ template <int BIT>
 C10_ALWAYS_INLINE void conv_tiles(const Geometry& g, const word_t* x, const word_t* w, const Output& out,
                                   int64_t tile_begin, int64_t tile_end) {
   const int64_t K = g.K();
-  const word_t last_mask = last_word_mask(g.C);
   std::vector<word_t> buf(static_cast<size_t>(kTile * BIT * K));
   std::vector<int32_t> acc(static_cast<size_t>(kTile * g.O));
   int64_t ones[kTile * BIT];
@@ -345,7 +345,7 @@ C10_ALWAYS_INLINE void conv_tiles(const Geometry& g, const word_t* x, const word
     PixelPos pos(g, first);
     for (int t = 0; t < kTile; ++t) {
       if (t < count) {
-        gather_pixel<BIT>(g, x, last_mask, pos, buf.data() + t * BIT * K, ones + t * BIT);
+        gather_pixel<BIT>(g, x, pos, buf.data() + t * BIT * K, ones + t * BIT);
         pos.next(g);
       } else {
         std::memset(buf.data() + t * BIT * K, 0, sizeof(word_t) * BIT * K);
