@@ -135,4 +135,18 @@ TORCH_LIBRARY(torch_ext, m) {
       "-> (Tensor y, Tensor mask)");
   m.def("linear_mid_tread_half_quantize_forward_(Tensor(a!) x, int bit, float max_value) -> Tensor mask");
   m.def("linear_mid_tread_half_quantize_backward(Tensor grad_y, Tensor mask) -> Tensor");
+
+  // Bit-packed low-bit inference (csrc/torch_ext/packed.h, docs/deploy.md).
+  m.def("pack_codes(Tensor codes, int bit) -> Tensor");
+  m.def("quantize_pack_codes(Tensor x, int bit, float max_value) -> Tensor");
+  m.def("unpack_codes(Tensor packed, int channels) -> Tensor");
+  m.def("pack_binary_weights(Tensor weight) -> Tensor");
+  m.def("packed_space_to_depth(Tensor packed, int channels, int block) -> Tensor");
+  m.def("packed_conv2d(Tensor x, Tensor w, int in_channels, int[2] stride, int[2] padding) -> Tensor");
+  m.def(
+      "packed_conv2d_affine(Tensor x, Tensor w, int in_channels, int[2] stride, int[2] padding, "
+      "Tensor scale, Tensor bias) -> Tensor");
+  m.def(
+      "packed_conv2d_threshold(Tensor x, Tensor w, int in_channels, int[2] stride, int[2] padding, "
+      "Tensor thresholds, Tensor direction, int out_bit) -> Tensor");
 }

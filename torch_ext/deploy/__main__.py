@@ -1,0 +1,131 @@
+"""``python -m torch_ext.deploy CHECKPOINT --out model.pt [--eval]``: a training checkpoint as a deployed model.
+
+Loads a checkpoint written by ``python -m torch_ext.train``, converts its
+model with :func:`torch_ext.deploy.convert` and saves it as TorchScript
+(``torch.jit.load`` in Python after ``import torch_ext``, or
+``torch::jit::load`` in LibTorch linked with libtorch_ext). ``--eval``
+scores the deployed model on the checkpoint's test set next to the PyTorch
+model it came from: accuracy, agreement of the predictions, weight bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .converter import DeployedModel, convert
+
+
+def load_trained_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The eval-mode model of a ``torch_ext.train`` checkpoint and the checkpoint's saved arguments.
+
+    The one place that knows the training command's checkpoint API
+    (``load_checkpoint``, ``build_model``).
+    """
+    from torch_ext.train import build_model, load_checkpoint
+
+    ckpt = load_checkpoint(path, "CHECKPOINT")
+    saved = dict(ckpt["args"])
+    kwargs = {key: saved[key] for key in ("activation_bit", "activation_max_value", "weight_quantizer",
+                                          "quantize_first_convolution", "quantize_last_convolution", "dropout")
+              if key in saved}
+    model = build_model(saved["model"], ckpt["num_classes"], ckpt["in_channels"], **kwargs)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ValueError(f"CHECKPOINT={path!r}: its weights do not fit model {saved['model']!r}: {exc}") from exc
+    saved.update(num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
+    return model.eval(), saved
+
+
+def _test_images(saved: Dict[str, Any], data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    from torch_ext.data import load_dataset
+
+    splits = load_dataset(saved["dataset"], data_dir if data_dir is not None else saved.get("data_dir"),
+                          saved.get("image_size"))
+    images, labels = [], []
+    for i in range(len(splits.test)):
+        image, label = splits.test[i]
+        images.append(image)
+        labels.append(int(label))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def evaluate(deployed: nn.Module, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             batch_size: int = 256) -> Dict[str, float]:
+    """Accuracy of ``deployed`` and ``model`` on ``images`` and the agreement of their predictions."""
+    got, want = [], []
+    with torch.no_grad():
+        for i in range(0, labels.numel(), batch_size):
+            got.append(deployed(images[i:i + batch_size]).argmax(1))
+            want.append(model(images[i:i + batch_size]).argmax(1))
+    got_t, want_t = torch.cat(got), torch.cat(want)
+    return {
+        "images": int(labels.numel()),
+        "deployed_accuracy": float((got_t == labels).double().mean()),
+        "pytorch_accuracy": float((want_t == labels).double().mean()),
+        "agreement": float((got_t == want_t).double().mean()),
+    }
+
+
+def float_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as trained (float32)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m torch_ext.deploy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint of python -m torch_ext.train")
+    parser.add_argument("--out", required=True, help="where to write the TorchScript model (.pt)")
+    parser.add_argument("--eval", action="store_true", help="score the deployed model on the test set")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: the one the checkpoint names)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    model, saved = load_trained_model(args.checkpoint)
+    image_size = saved.get("image_size") or 32
+    deployed: DeployedModel = convert(model, image_size=image_size)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise FileNotFoundError(f"--out={str(out)!r}: folder {str(out.parent)!r} does not exist")
+    scripted = torch.jit.script(deployed)
+    scripted.save(str(out))
+    result: Dict[str, Any] = {
+        "out": str(out),
+        "model": saved["model"],
+        "weight_bytes": deployed.weight_bytes(),
+        "float_weight_bytes": float_weight_bytes(model),
+    }
+    print(f"{args.checkpoint}: {saved['model']} -> {out} ({len(deployed.stages)} stages; weights "
+          f"{result['weight_bytes']} bytes, {result['float_weight_bytes']} as float32: "
+          f"{result['float_weight_bytes'] / max(result['weight_bytes'], 1):.1f}x smaller)")
+    if args.eval:
+        images, labels = _test_images(saved, args.data_dir)
+        loaded = torch.jit.load(str(out))
+        result.update(evaluate(loaded, model, images, labels))
+        print(f"test set of {saved['dataset']} ({result['images']} images): deployed accuracy "
+              f"{100 * result['deployed_accuracy']:.2f}%, PyTorch model {100 * result['pytorch_accuracy']:.2f}%, "
+              f"predictions agree on {100 * result['agreement']:.2f}%")
+    return result
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Like :func:`main`, printing errors as ``error: ...`` (exit status 2)."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"python -m torch_ext.deploy: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,224 @@
+"""Speed of a deployed (bit-packed) LmnetV1Quantize against the float models, side by side.
+
+    python -m torch_ext.deploy.bench [--batch-sizes 1 64] [--threads 2] [--repeats 30] [--json PATH]
+
+Candidates, all on the CPU with the same thread count, LmnetV1Quantize
+(W1A2) at 32x32, 10 classes:
+
+* ``deployed``: :func:`torch_ext.deploy.convert` of the W1A2 model, eager;
+* ``deployed_script``: the same, ``torch.jit.script``-ed (what LibTorch runs);
+* ``float_lmnet``: PyTorch eval of the float ``LmnetV1``;
+* ``w1a2_pytorch``: PyTorch eval of the W1A2 ``LmnetV1Quantize`` (float arithmetic);
+* ``w1a2_onnxruntime``: onnxruntime on ``torch_ext.export_onnx`` of the W1A2
+  model (when onnx and onnxruntime are installed).
+
+Timing: the candidates alternate in rounds (one call each a round, several
+calls a sample at batch 1), so a busy machine slows them alike; each figure
+is the median over the rounds. The per-layer table times each packed stage
+alone on its real input the same way and gives its rate in binary
+operations: ``2 * N * Ho * Wo * O * C * kh * kw * bit`` (an AND and a
+popcount-add for each pair of a weight bit and an activation bit-plane bit)
+a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+import torch
+from torch import nn
+
+from . import _stages as st
+from .converter import convert
+
+IMAGE_SIZE = 32
+
+
+def _models(seed: int = 0):
+    from torch_ext.models import LmnetV1, LmnetV1Quantize
+
+    torch.manual_seed(seed)
+    quant = LmnetV1Quantize(num_classes=10, in_channels=3)
+    flt = LmnetV1(num_classes=10, in_channels=3)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for model in (quant, flt):
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    # Statistics of a trained model's order of magnitude, so every code occurs.
+                    m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return quant.eval(), flt.eval()
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average (other work on the machine slows every candidate), where the OS tells it."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, calls: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds a call of each function, the functions alternating in rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _onnx_runner(model: nn.Module, batch: int, threads: int, folder: str) -> Optional[Callable[[torch.Tensor], Any]]:
+    try:
+        import onnxruntime as ort
+
+        from torch_ext import export_onnx
+    except ImportError:
+        return None
+    path = str(Path(folder) / f"lmnet_w1a2_b{batch}.onnx")
+    try:
+        export_onnx(model, torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE), path)
+    except Exception as exc:  # the exporter's extra packages missing, ...
+        print(f"(onnxruntime candidate left out: export failed: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x.numpy()})
+
+
+def _packed_layers(deployed, x: torch.Tensor) -> List[Dict[str, Any]]:
+    """Each packed convolution stage with its input and its binary-operation count."""
+    layers = []
+    with torch.no_grad():
+        for i, stage in enumerate(deployed.stages):
+            if isinstance(stage, (st.PackedConvThresholdStage, st.PackedConvAffineStage)):
+                out = stage(x)
+                n, ho, wo = x.shape[0], out.shape[1 if out.dim() == 5 else 2], out.shape[2 if out.dim() == 5 else 3]
+                o, kh, kw = stage.weight.shape[:3]
+                bit = x.shape[3]
+                ops = 2 * n * ho * wo * o * stage.in_channels * kh * kw * bit
+                layers.append(dict(index=i, name=stage.key or f"stage{i}", kind=type(stage).__name__, input=x,
+                                   stage=stage, binary_ops=ops, shape=f"{stage.in_channels}->{o} {kh}x{kw} "
+                                   f"{x.shape[1]}x{x.shape[2]} a{bit}"))
+                x = out
+            else:
+                x = stage(x)
+    return layers
+
+
+def run(batch_sizes: Sequence[int] = (1, 64), threads: int = 2, repeats: int = 30,
+        out: TextIO = sys.stdout, onnx: bool = True) -> Dict[str, Any]:
+    """Measure the candidates and the per-layer rates; print the tables to ``out``; return the figures.
+
+    ``onnx=False`` leaves out the onnxruntime candidate (its export takes a while).
+    """
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(batch_sizes, threads, repeats, out, onnx)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
+    from .__main__ import float_weight_bytes
+
+    quant, flt = _models()
+    deployed = convert(quant)
+    scripted = torch.jit.script(deployed)
+    result: Dict[str, Any] = {
+        "threads": threads, "repeats": repeats, "image_size": IMAGE_SIZE,
+        "weight_bytes": {"deployed": deployed.weight_bytes(), "float_lmnet": float_weight_bytes(flt),
+                         "w1a2_pytorch": float_weight_bytes(quant)},
+        "batches": {}, "layers": {},
+    }
+    wb = result["weight_bytes"]
+    load = _load_average()
+    result["load_average_before"] = load
+    print(f"Deployed LmnetV1Quantize (W1A2) vs float, {IMAGE_SIZE}x{IMAGE_SIZE}, {threads} threads, median of "
+          f"{repeats} interleaved rounds; {os.cpu_count()} CPUs, load average {load}", file=out)
+    print(f"weights: deployed {wb['deployed']} bytes, float LmnetV1 {wb['float_lmnet']} bytes "
+          f"({wb['float_lmnet'] / wb['deployed']:.1f}x smaller)", file=out)
+    header = f"{'batch':>5}  {'candidate':<18} {'ms/batch':>10} {'ms/image':>10} {'float/this':>10}"
+    print(header, file=out)
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        for batch in batch_sizes:
+            x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
+            fns: Dict[str, Callable[[], Any]] = {
+                "deployed": lambda: deployed(x),
+                "deployed_script": lambda: scripted(x),
+                "float_lmnet": lambda: flt(x),
+                "w1a2_pytorch": lambda: quant(x),
+            }
+            runner = _onnx_runner(quant, batch, threads, folder) if onnx else None
+            if runner is not None:
+                fns["w1a2_onnxruntime"] = lambda: runner(x)
+            calls = max(1, 8 // batch)
+            medians = _interleaved(fns, repeats, calls)
+            rows = {}
+            for name, seconds in medians.items():
+                speedup = medians["float_lmnet"] / seconds
+                rows[name] = {"seconds": seconds, "speedup_vs_float": speedup}
+                print(f"{batch:>5}  {name:<18} {1e3 * seconds:>10.3f} {1e3 * seconds / batch:>10.4f} "
+                      f"{speedup:>9.2f}x", file=out)
+            result["batches"][str(batch)] = rows
+
+            layers = _packed_layers(deployed, x)
+            layer_fns = {f"{layer['index']}": (lambda s=layer["stage"], i=layer["input"]: s(i)) for layer in layers}
+            layer_medians = _interleaved(layer_fns, repeats, calls)
+            print(f"\n  packed layers at batch {batch}:", file=out)
+            print(f"  {'layer':<12} {'conv':<28} {'output':<10} {'ms':>8} {'Gbop/s':>8}", file=out)
+            rows_l = []
+            for layer in layers:
+                seconds = layer_medians[f"{layer['index']}"]
+                rate = layer["binary_ops"] / seconds / 1e9
+                kind = "codes" if layer["kind"] == "PackedConvThresholdStage" else "float"
+                print(f"  {layer['name']:<12} {layer['shape']:<28} {kind:<10} {1e3 * seconds:>8.3f} {rate:>8.1f}",
+                      file=out)
+                rows_l.append({"layer": layer["name"], "conv": layer["shape"], "output": kind, "seconds": seconds,
+                               "binary_ops": layer["binary_ops"], "gbops": rate})
+            result["layers"][str(batch)] = rows_l
+            print("", file=out)
+    result["load_average_after"] = _load_average()
+    print(f"load average after: {result['load_average_after']}", file=out)
+    print("float/this: float LmnetV1 eval's median time / the candidate's (above 1: faster than float).", file=out)
+    print("Gbop/s: 2 * N * Ho * Wo * O * C * kh * kw * bit binary operations a second.", file=out)
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m torch_ext.deploy.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime candidate")
+    args = parser.parse_args(argv)
+    if args.threads < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise ValueError(f"--threads, --repeats and --batch-sizes must be >= 1, got {args.threads}, "
+                         f"{args.repeats}, {args.batch_sizes}")
+    result = run(args.batch_sizes, args.threads, args.repeats, onnx=not args.no_onnx)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
