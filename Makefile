@@ -70,8 +70,12 @@ test-cpp: build-cpp
 # Every test: pytest, ctest, and ctest again on the ASan/UBSan build.
 test: test-python test-cpp sanitize
 
+# Train the W1A2 LMNet and its float twin, then run the trained W1A2 model in
+# low bits (torch_ext.deploy): its accuracy, agreement, weight bytes and speed.
 train: $(BUILD_STAMP)
 	$(PY) -m torch_ext.train --compare
+	$(PY) -m torch_ext.deploy runs/compare/lmnet_v1_quantize/checkpoint.pt --out runs/compare/lmnet_v1_quantize/deployed.pt \
+	  --eval --speed-against runs/compare/lmnet_v1/checkpoint.pt
 
 bench: $(BUILD_STAMP)
 	$(PY) -m torch_ext.bench --json bench.json

@@ -73,7 +73,7 @@ from torch_ext.reference import (
     linear_mid_tread_half_quantize_reference,
 )
 
-__all__ = ["CANDIDATES", "OPS", "main"]
+__all__ = ["CANDIDATES", "OPS", "interleaved_medians", "main"]
 
 BIT = 2
 MAX_VALUE = 2.0
@@ -186,7 +186,7 @@ def _calibrate(fn: Callable[[], object], device: torch.device, warmup: int) -> i
     return max(1, min(10000, math.ceil(target / max(per_call, 1e-9))))
 
 
-def _interleaved_medians(
+def interleaved_medians(
     fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
     failed: Optional[Dict[str, str]] = None,
 ) -> Dict[str, Tuple[float, List[float]]]:
@@ -222,7 +222,7 @@ def _copy_bandwidth(device: torch.device, numel: int, repeats: int, warmup: int)
     """GB/s of ``dst.copy_(src)`` (read + write) for ``numel`` float32 elements, preallocated."""
     src = torch.rand(numel, device=device)
     dst = torch.empty_like(src)
-    t = _interleaved_medians({"copy_": lambda: dst.copy_(src)}, device, repeats, warmup)["copy_"][0]
+    t = interleaved_medians({"copy_": lambda: dst.copy_(src)}, device, repeats, warmup)["copy_"][0]
     return 2 * src.nbytes / t / 1e9
 
 
@@ -436,7 +436,7 @@ def _bench_case(
                 graphs.append(graph)
         with torch.enable_grad():
             failed: Dict[str, str] = {}
-            medians = _interleaved_medians(fns, device, repeats, warmup, failed) if fns else {}
+            medians = interleaved_medians(fns, device, repeats, warmup, failed) if fns else {}
         del graphs
 
         for c in candidates:
@@ -502,7 +502,7 @@ def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: in
         steps[name] = functools.partial(_train_step, model, opt, images, labels, _DTYPES.get(amp))
     _log(f"{device.type} training step, batch {batch}, amp {amp}, channels_last {channels_last}: "
          f"LmnetV1Quantize vs LmnetV1 ({repeats} rounds)")
-    timed = _interleaved_medians(steps, device, repeats, warmup)
+    timed = interleaved_medians(steps, device, repeats, warmup)
     samples = {n: s for n, (_, s) in timed.items()}
     med = {n: statistics.median(s) for n, s in samples.items()}
     return {
@@ -798,7 +798,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.deploy:
         from torch_ext.deploy import bench as deploy_bench  # only this mode needs it
 
-        return deploy_bench.main(["--json", args.json] if args.json else [])
+        deploy_bench.main(["--json", args.json] if args.json else [])
+        return 0
     devices = _devices(args.devices)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -11,6 +11,7 @@ model it came from: accuracy, agreement of the predictions, weight bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -25,20 +26,13 @@ def load_trained_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """The eval-mode model of a ``torch_ext.train`` checkpoint and the checkpoint's saved arguments.
 
     The one place that knows the training command's checkpoint API
-    (``load_checkpoint``, ``build_model``).
+    (``load_checkpoint``, ``model_from_checkpoint``).
     """
-    from torch_ext.train import build_model, load_checkpoint
+    from torch_ext.train import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path, "CHECKPOINT")
     saved = dict(ckpt["args"])
-    kwargs = {key: saved[key] for key in ("activation_bit", "activation_max_value", "weight_quantizer",
-                                          "quantize_first_convolution", "quantize_last_convolution", "dropout")
-              if key in saved}
-    model = build_model(saved["model"], ckpt["num_classes"], ckpt["in_channels"], **kwargs)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ValueError(f"CHECKPOINT={path!r}: its weights do not fit model {saved['model']!r}: {exc}") from exc
+    model = model_from_checkpoint(ckpt, "CHECKPOINT", path)
     saved.update(num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"])
     return model.eval(), saved
 
@@ -85,6 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--eval", action="store_true", help="score the deployed model on the test set")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the one the checkpoint names)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--speed-against", metavar="CHECKPOINT", default=None,
+                        help="also time the deployed model against the PyTorch model of this checkpoint (e.g. the "
+                             "float twin) and the source model, batch 64, interleaved rounds")
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -114,7 +111,29 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"test set of {saved['dataset']} ({result['images']} images): deployed accuracy "
               f"{100 * result['deployed_accuracy']:.2f}%, PyTorch model {100 * result['pytorch_accuracy']:.2f}%, "
               f"predictions agree on {100 * result['agreement']:.2f}%")
+    if args.speed_against:
+        result.update(_speed(torch.jit.load(str(out)), model, args.speed_against, saved))
     return result
+
+
+def _speed(deployed: nn.Module, model: nn.Module, other_path: str, saved: Dict[str, Any],
+           batch: int = 64, repeats: int = 15) -> Dict[str, Any]:
+    """Median seconds an image of the deployed model, the source model and another checkpoint's model."""
+    from torch_ext.bench import interleaved_medians
+
+    other, other_saved = load_trained_model(other_path)
+    size = saved.get("image_size") or 32
+    images = torch.rand(batch, saved["in_channels"], size, size, generator=torch.Generator().manual_seed(0))
+    calls = {"deployed": deployed, saved["model"]: model, f"{other_saved['model']} (other)": other}
+    with torch.no_grad():
+        medians = interleaved_medians({name: functools.partial(fn, images) for name, fn in calls.items()},
+                                      torch.device("cpu"), repeats, 2)
+    per_image = {name: median / batch for name, (median, _) in medians.items()}
+    other_name = f"{other_saved['model']} (other)"
+    print(f"speed, batch {batch}, {torch.get_num_threads()} threads, medians of {repeats} interleaved rounds: "
+          + ", ".join(f"{name} {1e3 * t:.3f} ms an image" for name, t in per_image.items())
+          + f"; deployed is {per_image[other_name] / per_image['deployed']:.2f}x faster than {other_saved['model']}")
+    return {"ms_per_image": {name: 1e3 * t for name, t in per_image.items()}}
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,9 +12,9 @@ Candidates, all on the CPU with the same thread count, LmnetV1Quantize
 * ``w1a2_onnxruntime``: onnxruntime on ``torch_ext.export_onnx`` of the W1A2
   model (when onnx and onnxruntime are installed).
 
-Timing: the candidates alternate in rounds (one call each a round, several
-calls a sample at batch 1), so a busy machine slows them alike; each figure
-is the median over the rounds. The per-layer table times each packed stage
+Timing: ``torch_ext.bench``'s interleaving loop: the candidates alternate in
+rounds (a sample repeats a call enough to last a couple of milliseconds), so
+a busy machine slows them alike; each figure is the median over the rounds. The per-layer table times each packed stage
 alone on its real input the same way and gives its rate in binary
 operations: ``2 * N * Ho * Wo * O * C * kh * kw * bit`` (an AND and a
 popcount-add for each pair of a weight bit and an activation bit-plane bit)
@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
@@ -67,19 +65,12 @@ def _load_average() -> Optional[float]:
         return None
 
 
-def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, calls: int, warmup: int = 2) -> Dict[str, float]:
-    """Median seconds a call of each function, the functions alternating in rounds."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(s) for name, s in samples.items()}
+def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds a call of each function, sampled round-robin (torch_ext.bench's one interleaving loop)."""
+    from torch_ext.bench import interleaved_medians
+
+    return {name: median for name, (median, _) in interleaved_medians(fns, torch.device("cpu"), repeats,
+                                                                       warmup).items()}
 
 
 def _onnx_runner(model: nn.Module, batch: int, threads: int, folder: str) -> Optional[Callable[[torch.Tensor], Any]]:
@@ -170,8 +161,7 @@ def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
             runner = _onnx_runner(quant, batch, threads, folder) if onnx else None
             if runner is not None:
                 fns["w1a2_onnxruntime"] = lambda: runner(x)
-            calls = max(1, 8 // batch)
-            medians = _interleaved(fns, repeats, calls)
+            medians = _interleaved(fns, repeats)
             rows = {}
             for name, seconds in medians.items():
                 speedup = medians["float_lmnet"] / seconds
@@ -182,7 +172,7 @@ def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
 
             layers = _packed_layers(deployed, x)
             layer_fns = {f"{layer['index']}": (lambda s=layer["stage"], i=layer["input"]: s(i)) for layer in layers}
-            layer_medians = _interleaved(layer_fns, repeats, calls)
+            layer_medians = _interleaved(layer_fns, repeats)
             print(f"\n  packed layers at batch {batch}:", file=out)
             print(f"  {'layer':<12} {'conv':<28} {'output':<10} {'ms':>8} {'Gbop/s':>8}", file=out)
             rows_l = []
