@@ -132,6 +132,21 @@ class QuantActivation(nn.Module):
             return float(self.max_value)
         return effective_max_value(self.max_value, dtype)
 
+    def freeze_max_value_(self) -> "QuantActivation":
+        """Turn a learned ``max_value`` into a fixed float (its clamped value, :meth:`fixed_max_value`), in place.
+
+        What ``export_onnx`` does to its copy of the model: the exported graph
+        holds the learned value as a constant. Returns ``self``.
+        """
+        if self.learn_max_value is not None:
+            value = self.fixed_max_value()
+            del self.max_value  # the Parameter
+            self.max_value = value
+            self.learn_max_value = None
+            self._fixed = True
+            self.scale_grad = False
+        return self
+
     def extra_repr(self) -> str:
         if self.learn_max_value is not None:
             text = f"bit={self.bit}, max_value={float(self.max_value.detach()):g}, learn_max_value={self.learn_max_value!r}"
