@@ -403,3 +403,14 @@ def test_train_learn_max_value_pact_changes_max_value(tmp_path):
     recorded = metrics["epochs"][-1]["max_values"]
     assert recorded == {n: float(m.max_value) for n, m in learned.items()}
     assert metrics["args"]["learn_max_value"] == "pact" and (tmp_path / "pact" / "training.png").is_file()
+
+
+def test_module_pickled_before_learn_max_value_still_loads():
+    q = QuantActivation(2, 1.5)
+    state = q.__dict__.copy()
+    for key in ("learn_max_value", "_fixed", "scale_grad"):
+        del state[key]
+    old = QuantActivation.__new__(QuantActivation)
+    old.__setstate__(state)
+    x = torch.randn(32) * 2
+    assert torch.equal(old(x), q(x)) and old.learn_max_value is None

@@ -132,6 +132,13 @@ class QuantActivation(nn.Module):
             return float(self.max_value)
         return effective_max_value(self.max_value, dtype)
 
+    def __setstate__(self, state) -> None:
+        # Modules pickled before learn_max_value existed are fixed ones.
+        state.setdefault("learn_max_value", None)
+        state.setdefault("_fixed", True)
+        state.setdefault("scale_grad", False)
+        super().__setstate__(state)
+
     def freeze_max_value_(self) -> "QuantActivation":
         """Turn a learned ``max_value`` into a fixed float (its clamped value, :meth:`fixed_max_value`), in place.
 
