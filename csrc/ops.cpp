@@ -149,4 +149,118 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def(
       "packed_conv2d_threshold(Tensor x, Tensor w, int in_channels, int[2] stride, int[2] padding, "
       "Tensor thresholds, Tensor direction, int out_bit) -> Tensor");
+
+  // Learnable max_value (csrc/torch_ext/learnable.h): m is a 0-dim tensor on x's device.
+  m.def(
+      "linear_mid_tread_half_quantize_learnable(Tensor x, Tensor max_value, int bit=2, str mode=\"pact\", "
+      "bool scale_grad=False) -> Tensor");
+  m.def(
+      "linear_mid_tread_half_quantize_learnable_forward(Tensor x, Tensor max_value, int bit) "
+      "-> (Tensor y, Tensor masks)");
+  m.def(
+      "linear_mid_tread_half_quantize_learnable_backward(Tensor grad_y, Tensor saved, Tensor max_value, int bit, "
+      "str mode, bool scale_grad) -> (Tensor grad_x, Tensor grad_max_value)");
 }
+
+// ---- Learnable max_value: argument checks and C++ entry points ----
+#include "torch_ext/learnable.h"
+
+namespace torch_ext {
+
+namespace {
+
+bool is_floating(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16;
+}
+
+void check_learnable_max_value(const at::Tensor& max_value, const at::Tensor& like, const char* op, const char* like_name) {
+  TORCH_CHECK_VALUE(
+      max_value.dim() == 0, op, ": max_value must be a 0-dim tensor, got max_value of shape ", max_value.sym_sizes());
+  TORCH_CHECK_TYPE(
+      is_floating(max_value.scalar_type()), op,
+      ": max_value must be a floating-point tensor (float16, bfloat16, float32 or float64), got max_value of dtype ",
+      max_value.scalar_type());
+  TORCH_CHECK_VALUE(
+      max_value.device() == like.device(), op, ": max_value must be on the device of ", like_name,
+      " (no host-device copy is made), got max_value on ", max_value.device(), " and ", like_name, " on ",
+      like.device());
+}
+
+void check_mode(const std::string& mode, const char* op) {
+  TORCH_CHECK_VALUE(mode == "pact" || mode == "lsq", op, ": mode must be \"pact\" or \"lsq\", got mode=\"", mode, "\"");
+}
+
+}  // namespace
+
+void check_learnable_arguments(const at::Tensor& x, const at::Tensor& max_value, int64_t bit, const std::string& mode) {
+  constexpr const char* op = "linear_mid_tread_half_quantize_learnable";
+  TORCH_CHECK_VALUE(
+      (bit >= 1 && bit <= 16) || bit == 32, op, ": bit must be in 1..16 or 32, got bit=", bit);
+  check_mode(mode, op);
+  TORCH_CHECK_TYPE(
+      is_floating(x.scalar_type()), op,
+      ": x must be a floating-point tensor (float16, bfloat16, float32 or float64), got x of dtype ", x.scalar_type());
+  check_learnable_max_value(max_value, x, op, "x");
+}
+
+void check_learnable_backward_arguments(
+    const at::Tensor& grad_y, const at::Tensor& saved, const at::Tensor& max_value, int64_t bit,
+    const std::string& mode) {
+  constexpr const char* op = "linear_mid_tread_half_quantize_learnable_backward";
+  TORCH_CHECK_VALUE(
+      (bit >= 1 && bit <= 16) || bit == 32, op, ": bit must be in 1..16 or 32, got bit=", bit);
+  check_mode(mode, op);
+  TORCH_CHECK_TYPE(
+      is_floating(grad_y.scalar_type()), op,
+      ": grad_y must be a floating-point tensor (float16, bfloat16, float32 or float64), got grad_y of dtype ",
+      grad_y.scalar_type());
+  check_learnable_max_value(max_value, grad_y, op, "grad_y");
+  TORCH_CHECK_VALUE(
+      saved.device() == grad_y.device(), op, ": saved and grad_y must be on the same device, got saved on ",
+      saved.device(), " and grad_y on ", grad_y.device());
+  const c10::SymInt numel = grad_y.sym_numel();
+  if (mode == "pact") {
+    const c10::SymInt bytes = (numel + 7) / 8;
+    TORCH_CHECK_TYPE(
+        saved.scalar_type() == at::kByte, op, ": saved must be the uint8 masks in pact mode, got saved of dtype ",
+        saved.scalar_type());
+    TORCH_CHECK_VALUE(
+        saved.dim() == 2 && saved.sym_size(0).sym_eq(2).expect_true(__FILE__, __LINE__) &&
+            saved.sym_size(1).sym_eq(bytes).expect_true(__FILE__, __LINE__),
+        op, ": saved must have shape [2, ", bytes, "] in pact mode (two masks of grad_y's ", numel,
+        " elements, 8 a byte), got saved of shape ", saved.sym_sizes());
+  } else {
+    TORCH_CHECK_TYPE(
+        saved.scalar_type() == grad_y.scalar_type(), op, ": saved must be x (of grad_y's dtype ",
+        grad_y.scalar_type(), ") in lsq mode, got saved of dtype ", saved.scalar_type());
+    TORCH_CHECK_VALUE(
+        saved.sym_sizes().equals(grad_y.sym_sizes()), op, ": saved must be x (of grad_y's shape ",
+        grad_y.sym_sizes(), ") in lsq mode, got saved of shape ", saved.sym_sizes());
+  }
+}
+
+at::Tensor linear_mid_tread_half_quantize_learnable(
+    const at::Tensor& x, const at::Tensor& max_value, int64_t bit, const std::string& mode, bool scale_grad) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_learnable")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, bool)>();
+  return op.call(x, max_value, bit, mode, scale_grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_mid_tread_half_quantize_learnable_forward(
+    const at::Tensor& x, const at::Tensor& max_value, int64_t bit) {
+  static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_learnable_forward")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(x, max_value, bit);
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_mid_tread_half_quantize_learnable_backward(
+    const at::Tensor& grad_y, const at::Tensor& saved, const at::Tensor& max_value, int64_t bit,
+    const std::string& mode, bool scale_grad) {
+  static auto op =
+      find_op("torch_ext::linear_mid_tread_half_quantize_learnable_backward")
+          .typed<std::tuple<at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, c10::string_view, bool)>();
+  return op.call(grad_y, saved, max_value, bit, mode, scale_grad);
+}
+
+}  // namespace torch_ext

@@ -574,3 +574,85 @@ def test_repeated_calls_are_deterministic():
         again = ops.linear_mid_tread_half_quantize_forward(x, 5, 2.0)
         assert torch.equal(as_bits(again[0]), as_bits(first[0]))
         assert torch.equal(again[1], first[1])
+
+
+# ===========================================================================
+# Learnable max_value (torch_ext.linear_mid_tread_half_quantize_learnable):
+# CUDA kernels against the CPU's, no host-device sync, deterministic sums.
+# ===========================================================================
+
+LEARN_MODES = ("pact", "lsq")
+
+
+def _learnable_run(x, m, bit, mode, grad_y):
+    x = x.detach().clone().requires_grad_()
+    m = m.detach().clone().requires_grad_()
+    y = torch_ext.linear_mid_tread_half_quantize_learnable(x, m, bit, mode)
+    y.backward(grad_y)
+    return y.detach(), x.grad, m.grad
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bit", (1, 2, 3, 8, 16, 32))
+@pytest.mark.parametrize("mode", LEARN_MODES)
+def test_learnable_cuda_matches_cpu(dtype, bit, mode):
+    x = values((4099,), dtype, max_value=1.5, seed=bit)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    m = torch.tensor(1.5)
+    y_cpu, gx_cpu, gm_cpu = _learnable_run(x, m, bit, mode, g)
+    y_cuda, gx_cuda, gm_cuda = _learnable_run(x.cuda(), m.cuda(), bit, mode, g.cuda())
+    assert torch.equal(as_bits(y_cuda.cpu()), as_bits(y_cpu))
+    assert torch.equal(as_bits(y_cuda.cpu()), as_bits(quantize(x, bit, 1.5)))
+    assert torch.equal(as_bits(gx_cuda.cpu()), as_bits(gx_cpu))
+    # Both sums are in double, in different orders: equal up to float32 rounding.
+    torch.testing.assert_close(gm_cuda.cpu(), gm_cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", LEARN_MODES)
+def test_learnable_cuda_grad_max_value_is_deterministic(mode):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3_000_017, device="cuda", generator=g) * 2 + 1
+    grad_y = torch.randn(3_000_017, device="cuda", generator=g)
+    m = torch.tensor(1.25, device="cuda")
+    first = _learnable_run(x, m, 2, mode, grad_y)[2]
+    for _ in range(5):
+        assert torch.equal(as_bits(_learnable_run(x, m, 2, mode, grad_y)[2]), as_bits(first))
+
+
+@pytest.mark.parametrize("mode", LEARN_MODES)
+def test_learnable_cuda_no_host_sync(mode):
+    x = torch.randn(1 << 16, device="cuda", requires_grad=True)
+    m = torch.tensor(1.0, device="cuda", requires_grad=True)
+    torch_ext.linear_mid_tread_half_quantize_learnable(x, m, 2, mode).sum().backward()  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = torch_ext.linear_mid_tread_half_quantize_learnable(x, m, 2, mode)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert m.grad is not None
+
+
+@pytest.mark.parametrize("bad", (0.0, -1.0, float("nan"), float("inf")))
+def test_learnable_cuda_out_of_range_max_value_matches_cpu(bad):
+    x = values((1000,), torch.float32, max_value=2.0, nan=False)
+    x = x[x.isfinite()]
+    g = torch.ones_like(x)
+    cpu = _learnable_run(x, torch.tensor(bad), 2, "pact", g)
+    cuda = _learnable_run(x.cuda(), torch.tensor(bad, device="cuda"), 2, "pact", g.cuda())
+    assert torch.equal(as_bits(cuda[0].cpu()), as_bits(cpu[0])) and cuda[0].isfinite().all()
+    assert torch.equal(as_bits(cuda[1].cpu()), as_bits(cpu[1]))
+    assert torch.equal(cuda[2].cpu(), cpu[2])  # sums of ones: exact in either order
+
+
+def test_learnable_cuda_refuses_max_value_on_another_device():
+    with pytest.raises(ValueError, match="max_value must be on the device of x"):
+        torch_ext.linear_mid_tread_half_quantize_learnable(torch.ones(4, device="cuda"), torch.tensor(1.0))
+
+
+def test_learnable_cuda_opcheck():
+    x = torch.randn(6, 5, device="cuda")
+    m = torch.tensor(1.5, device="cuda", requires_grad=True)
+    for mode in LEARN_MODES:
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_learnable, (x, m, 2, mode, mode == "lsq"))

@@ -14,7 +14,7 @@ from . import _meta  # noqa: F401  (their fake kernels)
 from .codes import code_dtype, codes_to_values, quantize_to_codes
 from .export import export_onnx, run_onnx
 from .modules import QuantActivation
-from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_
+from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_, linear_mid_tread_half_quantize_learnable
 from .quant_conv import QuantConv2d
 from .weight_quantization import (
     TTQWeightQuantizer,
@@ -39,6 +39,7 @@ __all__ = [
     "export_onnx",
     "linear_mid_tread_half_quantize",
     "linear_mid_tread_half_quantize_",
+    "linear_mid_tread_half_quantize_learnable",
     "quantize_to_codes",
     "run_onnx",
     "ttq_weight_quantize",

@@ -23,6 +23,9 @@ the export holds each layer's quantized weight (exactly
 runtime wants. ``fold_weights=False`` exports the float weights and the
 quantizer's expression (Abs, ReduceMean, Where, ...) instead.
 
+A learned ``max_value`` (``QuantActivation(learn_max_value="pact"|"lsq")``)
+is exported as its value (the clamped m the kernels use), like a fixed one.
+
 In-place quantizers (``QuantActivation(inplace=True)``,
 ``linear_mid_tread_half_quantize_``) are exported as their out-of-place
 equivalent (an ONNX graph has no in-place operations).
@@ -266,6 +269,13 @@ def export_onnx(
     _require("export_onnx", "onnx", "onnxscript")
 
     export_model = copy.deepcopy(model).eval()
+    # A learned max_value (QuantActivation(learn_max_value=...)) is exported as
+    # its value: the fixed quantizer with that m, a constant of the graph.
+    from .modules import QuantActivation
+
+    for module in export_model.modules():
+        if isinstance(module, QuantActivation):
+            module.freeze_max_value_()
     if fold_weights:
         _fold_weight_quantizers(export_model)
 

@@ -15,6 +15,9 @@ __all__ = [
     "BackwardFn",
     "linear_mid_tread_half_quantize",
     "linear_mid_tread_half_quantize_",
+    "linear_mid_tread_half_quantize_learnable",
+    "LEARN_MAX_VALUE_MODES",
+    "effective_max_value",
     "validate_bit",
     "validate_max_value",
 ]
@@ -147,3 +150,86 @@ def linear_mid_tread_half_quantize_(
         return _QuantizeInPlaceWithCustomBackward.apply(x, bit, max_value, backward)
     torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)
     return x
+
+
+# --------------------------------------------------------------------------
+# Learnable max_value (docs/quantizer.md, "Learnable max_value").
+
+#: The gradients of ``y`` with respect to ``max_value`` that the learnable operator offers.
+LEARN_MAX_VALUE_MODES = ("pact", "lsq")
+
+# The range m is clamped to inside the kernels, per compute type
+# (csrc/torch_ext/learnable.h): the smallest positive and the largest finite value.
+_M_RANGE = {
+    torch.float32: (2.0**-149, float(torch.finfo(torch.float32).max)),
+    torch.float64: (2.0**-1074, float(torch.finfo(torch.float64).max)),
+}
+
+
+def validate_learn_mode(mode) -> str:
+    """``mode`` as one of :data:`LEARN_MAX_VALUE_MODES`; ``ValueError`` naming the value otherwise."""
+    if not isinstance(mode, str) or mode not in LEARN_MAX_VALUE_MODES:
+        raise ValueError(f'learn_max_value: mode must be "pact" or "lsq", got mode={mode!r}')
+    return mode
+
+
+def effective_max_value(max_value, dtype: torch.dtype = torch.float32) -> float:
+    """The ``m`` the learnable kernels use for ``max_value`` (a float or 0-dim tensor) and inputs of ``dtype``.
+
+    ``max_value`` rounded to the compute type (float64 for float64 inputs,
+    float32 otherwise), then clamped: NaN, 0 and negative values become the
+    smallest positive value of that type, values above its largest finite
+    value (+inf) become that value. Reads the tensor on the host: for export
+    and reporting, never inside the training step.
+    """
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if isinstance(max_value, torch.Tensor):
+        value = float(max_value.detach().to("cpu", compute))
+    else:
+        value = float(torch.tensor(float(max_value), dtype=torch.float64).to(compute))
+    lo, hi = _M_RANGE[compute]
+    if value > hi:
+        return hi
+    if value >= lo:
+        return value
+    return lo  # NaN, 0, negative
+
+
+def linear_mid_tread_half_quantize_learnable(
+    x: torch.Tensor,
+    max_value: torch.Tensor,
+    bit: int = 2,
+    mode: str = "pact",
+    *,
+    scale_grad: Optional[bool] = None,
+) -> torch.Tensor:
+    """The quantizer with a learnable clip ``m``: a 0-dim floating tensor on ``x``'s device.
+
+    The forward is :func:`linear_mid_tread_half_quantize` with ``m`` read on
+    the device (bit-identical to it for the same ``m``; no host-device
+    synchronisation). ``m`` is clamped inside the kernel: NaN, 0 and negative
+    values act as the smallest positive value of the compute type, +inf as
+    its largest finite value (:func:`effective_max_value`).
+
+    Gradients: ``grad_x`` is straight-through where ``0 < x < m`` (as the fixed
+    operator), and ``grad_max_value`` is the sum of ``grad_y * dy/dm`` with
+
+    * ``mode="pact"``: ``dy/dm = 1`` where ``x >= m``, else 0 (saves 2 bits an element);
+    * ``mode="lsq"``: ``dy/dm = (y - x) / m`` where ``0 < x < m``, 1 where
+      ``x >= m``, 0 where ``x <= 0`` (saves ``x``: its element size an element).
+
+    ``scale_grad`` multiplies ``grad_max_value`` by ``1 / sqrt(x.numel() * (2**bit - 1))``
+    (LSQ's gradient scale); the default is on for ``"lsq"`` and off for ``"pact"``.
+    The sum is deterministic (the same bits run to run, for every thread count).
+    """
+    _validate_x(x)
+    if not isinstance(max_value, torch.Tensor):
+        raise TypeError(
+            f"max_value must be a 0-dim floating tensor on x's device, got max_value={max_value!r} "
+            f"of type {type(max_value).__name__} (use linear_mid_tread_half_quantize for a fixed float max_value)"
+        )
+    bit = validate_bit(bit)
+    mode = validate_learn_mode(mode)
+    if scale_grad is None:
+        scale_grad = mode == "lsq"
+    return torch.ops.torch_ext.linear_mid_tread_half_quantize_learnable(x, max_value, bit, mode, bool(scale_grad))

@@ -8,6 +8,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <ostream>
+#include <string>
 
 namespace torch_ext {
 
@@ -21,6 +22,10 @@ struct QuantActivationOptions {
   TORCH_ARG(double, max_value) = 2.0;
   // Overwrite the input, like torch::nn::ReLU's inplace option.
   TORCH_ARG(bool, inplace) = false;
+  // "" (max_value fixed), "pact" or "lsq": learn max_value (docs/quantizer.md,
+  // "Learnable max_value"); it is then the module's parameter "max_value",
+  // a 0-dim float32 tensor. Not with inplace.
+  TORCH_ARG(std::string, learn_max_value) = "";
 };
 
 // y = linear_mid_tread_half_quantize(x, bit, max_value) (docs/quantizer.md). The options
@@ -35,6 +40,8 @@ class QuantActivationImpl : public torch::nn::Cloneable<QuantActivationImpl> {
   void pretty_print(std::ostream& stream) const override;
 
   QuantActivationOptions options;
+  // The learned max_value (learn_max_value "pact" or "lsq"); undefined otherwise.
+  at::Tensor max_value;
 };
 
 TORCH_MODULE(QuantActivation);

@@ -33,7 +33,7 @@ RUN_DEFINING_ARGS = (
     "model", "dataset", "image_size", "epochs", "batch_size", "lr", "lr_milestones", "lr_gamma",
     "momentum", "weight_decay", "pad", "flip", "seed", "activation_bit", "activation_max_value",
     "weight_quantizer", "quantize_first_convolution", "quantize_last_convolution", "dropout", "world_size",
-    "bn_recalibration_images",
+    "bn_recalibration_images", "learn_max_value", "max_value_weight_decay",
 )
 
 
@@ -111,6 +111,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dropout", type=float, default=0.5, help="LMNet dropout before conv7")
     p.add_argument("--activation-bit", type=int, default=2, help="QuantActivation bit (1..16, or 32: clip only)")
     p.add_argument("--activation-max-value", type=float, default=2.0, help="QuantActivation max_value")
+    p.add_argument("--learn-max-value", default=None, choices=["pact", "lsq"],
+                   help="learn each QuantActivation's max_value with PACT's or LSQ's gradient (default: fixed)")
+    p.add_argument("--max-value-weight-decay", type=_non_negative_float("--max-value-weight-decay"), default=0.0,
+                   help="L2 penalty on the learned max_values (PACT's regularizer; SGD weight decay of their group)")
     p.add_argument("--weight-quantizer", default=None, choices=sorted(models_module.WEIGHT_QUANTIZERS),
                    help="weight quantizer of the quantized models; binary, binary-channel-wise are short for "
                         "binary_mean_scaling, binary_channel_wise_mean_scaling (default: the model's, as in "
@@ -206,6 +210,8 @@ class TrainConfig:
     no_progress: bool
     compare: bool
     world_size: int = 1
+    learn_max_value: Optional[str] = None
+    max_value_weight_decay: float = 0.0
 
     def resolved(self, *, image_size: int, flip: bool, world_size: int) -> "TrainConfig":
         """The configuration with the values only the data set and the launch know."""
@@ -330,7 +336,9 @@ def build_model(config: Dict[str, Any], num_classes: int, in_channels: int) -> n
     parameters = inspect.signature(models_module.get_model_builder(name)).parameters
     if "activation_quantizer_kwargs" in parameters:
         kwargs.update(
-            activation_quantizer_kwargs={"bit": config["activation_bit"], "max_value": config["activation_max_value"]},
+            activation_quantizer_kwargs={"bit": config["activation_bit"], "max_value": config["activation_max_value"],
+                                         **({"learn_max_value": config["learn_max_value"]}
+                                            if config.get("learn_max_value") else {})},
             weight_quantizer=config["weight_quantizer"],
             quantize_first_convolution=config["quantize_first_convolution"],
             quantize_last_convolution=config["quantize_last_convolution"],

@@ -85,11 +85,11 @@ class CodeHistograms:
         self._handles = []
         for name, module in model.named_modules():
             if isinstance(module, QuantActivation) and int(module.bit) <= 16:
-                self.meta[name] = {"bit": int(module.bit), "max_value": float(module.max_value)}
+                self.meta[name] = {"bit": int(module.bit), "max_value": _max_value(module)}
                 self._handles.append(module.register_forward_hook(self._hook(name, module)))
 
     def _hook(self, name: str, module: QuantActivation):
-        bit, max_value = int(module.bit), float(module.max_value)
+        bit, max_value = int(module.bit), _max_value(module)
 
         def hook(_module, _inputs, output):
             codes = quantize_to_codes(output.detach(), bit, max_value).to(torch.int64)
@@ -115,6 +115,21 @@ class CodeHistograms:
         return out
 
 
+def _max_value(module: QuantActivation) -> float:
+    # A learned max_value (--learn-max-value): the clamped value the kernels use.
+    return module.fixed_max_value() if getattr(module, "learn_max_value", None) is not None else float(module.max_value)
+
+
+def _plot_max_values(fig, grid_row, history: List[Dict[str, Any]]) -> None:
+    """Each layer's learned max_value over the epochs (--learn-max-value)."""
+    ax = fig.add_subplot(grid_row)
+    epochs = [h["epoch"] for h in history]
+    for name in history[-1]["max_values"]:
+        ax.plot(epochs, [h.get("max_values", {}).get(name, float("nan")) for h in history], "o-", label=name)
+    ax.set(xlabel="epoch", ylabel="max_value", title="learned max_value per layer")
+    ax.legend(fontsize="small", ncol=3)
+
+
 def _plot_curves(fig, grid, cols: int, history: List[Dict[str, Any]]) -> None:
     epochs = [h["epoch"] for h in history]
     for col, (key, scale, label) in enumerate((("loss", 1, "cross-entropy loss"), ("acc", 100, "accuracy (%)"))):
@@ -135,9 +150,12 @@ def plot(path: Path, history: List[Dict[str, Any]], histograms: Dict[str, Dict[s
     names = list(histograms)
     cols = 3
     hist_rows = math.ceil(len(names) / cols)
-    fig = plt.figure(figsize=(12, 3.6 * (1 + hist_rows)), constrained_layout=True)
-    grid = fig.add_gridspec(1 + hist_rows, cols * 2)
+    learned = 1 if history and "max_values" in history[-1] else 0
+    fig = plt.figure(figsize=(12, 3.6 * (1 + hist_rows + learned)), constrained_layout=True)
+    grid = fig.add_gridspec(1 + hist_rows + learned, cols * 2)
     _plot_curves(fig, grid, cols, history)
+    if learned:
+        _plot_max_values(fig, grid[1 + hist_rows, :], history)
     for i, name in enumerate(names):
         h = histograms[name]
         counts = np.asarray(h["counts"], dtype=np.float64)

@@ -107,6 +107,26 @@ def _loaders(cfg: TrainConfig, splits, ddp: Dist, device: torch.device, loader_g
     return sampler, train_loader, test_loader
 
 
+def _learned_max_values(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
+    """Each QuantActivation's learned max_value, by module name (none without --learn-max-value)."""
+    from ..modules import QuantActivation
+
+    return {name: m.max_value for name, m in model.named_modules()
+            if isinstance(m, QuantActivation) and m.learn_max_value is not None}
+
+
+def _param_groups(model: torch.nn.Module, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    """param_groups, with the learned max_values in a group of their own (--max-value-weight-decay)."""
+    groups = param_groups(model, cfg.weight_decay)
+    learned = list(_learned_max_values(model).values())
+    if not learned:
+        return groups
+    ids = {id(p) for p in learned}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in ids]
+    return groups + [{"params": learned, "weight_decay": cfg.max_value_weight_decay}]
+
+
 def _setup(cfg: TrainConfig, ddp: Dist, device: torch.device) -> _Run:
     cfg, splits = _resolved_config(cfg, ddp)
     channels_last = cfg.channels_last_on(device.type)
@@ -115,7 +135,7 @@ def _setup(cfg: TrainConfig, ddp: Dist, device: torch.device) -> _Run:
     model = build_model(cfg.as_dict(), splits.num_classes, splits.in_channels).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    optimizer = torch.optim.SGD(_param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum)
     # Rank-specific streams for dropout and augmentation; the sampler's
     # shuffling is seeded per epoch and so needs no saved state.
     seed_everything(cfg.seed + 1_000_003 * ddp.rank)
@@ -212,6 +232,10 @@ def _run_epoch(run: _Run, ddp: Dist, epoch: int, last_of_run: bool) -> Dict[str,
         "test_loss": test["loss"], "test_acc": test["acc"], "lr": s.optimizer.param_groups[0]["lr"],
         "epoch_time_s": time.perf_counter() - start,
     }
+    learned = _learned_max_values(run.model)
+    if learned:
+        # One host read an epoch, for the plot (report.py) and metrics.json.
+        record["max_values"] = {name: float(p.detach()) for name, p in learned.items()}
     run.history.append(record)
     log(ddp, f"epoch {epoch + 1}/{cfg.epochs}: "
              f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
