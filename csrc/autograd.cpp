@@ -4,7 +4,10 @@
 // backward is a registered op of its own, so every device shares this file.
 //
 // Only the 1-bit packed mask `0 < x < m` is saved for backward: 1/8 byte an
-// element, never a copy of x.
+// element, never a copy of x. The mask follows the memory order of the dense
+// tensor the kernel ran on (x itself when dense), so the strides of that
+// layout are saved with it, as non-tensor data (SymInts, so that tracing
+// with dynamic shapes records them too).
 #include "torch_ext/layouts.h"
 #include "torch_ext/torch_ext.h"
 
@@ -27,7 +30,8 @@ variable_list quantize_backward(AutogradContext* ctx, const variable_list& grad_
     return {at::Tensor(), at::Tensor(), at::Tensor()};
   }
   const auto saved = ctx->get_saved_variables();
-  return {linear_mid_tread_half_quantize_backward(grad_y, saved[0]), at::Tensor(), at::Tensor()};
+  const std::vector<c10::SymInt> x_strides = ctx->saved_data.at("x_strides").toSymIntVector();
+  return {linear_mid_tread_half_quantize_backward_symint(grad_y, saved[0], x_strides), at::Tensor(), at::Tensor()};
 }
 
 class LinearMidTreadHalfQuantize : public torch::autograd::Function<LinearMidTreadHalfQuantize> {
@@ -36,6 +40,8 @@ class LinearMidTreadHalfQuantize : public torch::autograd::Function<LinearMidTre
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mask] = linear_mid_tread_half_quantize_forward(x, bit, max_value);
     ctx->save_for_backward({mask});
+    // The mask is in y's memory order (x's layout when x is dense).
+    ctx->saved_data["x_strides"] = c10::IValue(y.sym_strides());
     return {y};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
@@ -50,6 +56,7 @@ class LinearMidTreadHalfQuantizeInplace
     // mark_dirty bumps x's version and rebases its history onto this node,
     // as for torch.relu_.
     ctx->mark_dirty({x});
+    ctx->saved_data["x_strides"] = c10::IValue(c10::SymIntArrayRef(layouts::inplace_mask_strides(x)));
     at::AutoDispatchBelowADInplaceOrView guard;
     at::Tensor mask = linear_mid_tread_half_quantize_forward_(x, bit, max_value);
     ctx->save_for_backward({mask});

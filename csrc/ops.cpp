@@ -8,7 +8,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace torch_ext {
 
@@ -77,6 +79,42 @@ void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask) 
       mask.device(), " and grad_y on ", grad_y.device());
 }
 
+void check_backward_strides(const at::Tensor& grad_y, at::IntArrayRef x_strides) {
+  TORCH_CHECK_VALUE(
+      static_cast<int64_t>(x_strides.size()) == grad_y.dim(),
+      "linear_mid_tread_half_quantize_backward: x_strides must have one stride a dim of grad_y (", grad_y.dim(),
+      "), got x_strides=", x_strides);
+  bool dense = true;
+  if (grad_y.numel() > 0) {
+    // The layout is dense when its strides, sorted, are the running products
+    // of the sizes (dims of size 1 excepted): the test of
+    // TensorImpl::is_non_overlapping_and_dense, made without allocating.
+    std::vector<int64_t> perm(x_strides.size());
+    for (size_t d = 0; d < perm.size(); ++d) {
+      perm[d] = static_cast<int64_t>(d);
+    }
+    std::stable_sort(perm.begin(), perm.end(), [&](int64_t a, int64_t b) {
+      return x_strides[a] < x_strides[b];
+    });
+    int64_t expected = 1;
+    for (int64_t d : perm) {
+      const int64_t size = grad_y.size(d);
+      if (size == 1) {
+        continue;
+      }
+      if (x_strides[d] != expected) {
+        dense = false;
+        break;
+      }
+      expected *= size;
+    }
+  }
+  TORCH_CHECK_VALUE(
+      dense, "linear_mid_tread_half_quantize_backward: x_strides=", x_strides,
+      " is not a dense layout of grad_y's sizes ", grad_y.sizes(),
+      " (pass the strides of the y the forward returned)");
+}
+
 namespace {
 
 c10::OperatorHandle find_op(const char* name) {
@@ -111,10 +149,28 @@ at::Tensor linear_mid_tread_half_quantize_forward_(at::Tensor& x, int64_t bit, d
   return op.call(x, bit, max_value);
 }
 
-at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask) {
+namespace {
+
+auto backward_op() {
   static auto op = find_op("torch_ext::linear_mid_tread_half_quantize_backward")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
-  return op.call(grad_y, mask);
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::OptionalSymIntArrayRef)>();
+  return op;
+}
+
+}  // namespace
+
+at::Tensor linear_mid_tread_half_quantize_backward(const at::Tensor& grad_y, const at::Tensor& mask) {
+  return backward_op().call(grad_y, mask, std::nullopt);
+}
+
+at::Tensor linear_mid_tread_half_quantize_backward(
+    const at::Tensor& grad_y, const at::Tensor& mask, at::IntArrayRef x_strides) {
+  return backward_op().call(grad_y, mask, c10::fromIntArrayRefSlow(x_strides));
+}
+
+at::Tensor linear_mid_tread_half_quantize_backward_symint(
+    const at::Tensor& grad_y, const at::Tensor& mask, c10::SymIntArrayRef x_strides) {
+  return backward_op().call(grad_y, mask, x_strides);
 }
 
 bool built_with_cuda() {
@@ -134,7 +190,9 @@ TORCH_LIBRARY(torch_ext, m) {
       "linear_mid_tread_half_quantize_forward(Tensor x, int bit, float max_value) "
       "-> (Tensor y, Tensor mask)");
   m.def("linear_mid_tread_half_quantize_forward_(Tensor(a!) x, int bit, float max_value) -> Tensor mask");
-  m.def("linear_mid_tread_half_quantize_backward(Tensor grad_y, Tensor mask) -> Tensor");
+  // x_strides: the strides of the dense layout whose memory order the mask
+  // follows (y's, from the forward); None: row-major (docs/quantizer.md).
+  m.def("linear_mid_tread_half_quantize_backward(Tensor grad_y, Tensor mask, SymInt[]? x_strides=None) -> Tensor");
 
   // Bit-packed low-bit inference (csrc/torch_ext/packed.h, docs/deploy.md).
   m.def("pack_codes(Tensor codes, int bit) -> Tensor");

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <vector>
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "torch_ext: Blueoil's linear mid-tread half quantizer as PyTorch operators";
@@ -50,6 +51,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         END_HANDLE_TH_ERRORS_PYBIND
       },
       pybind11::arg("grad_y"), pybind11::arg("mask"));
+  m.def(
+      "check_backward_strides",
+      [](const at::Tensor& grad_y, std::vector<int64_t> x_strides) {
+        // The fake backward calls this with concrete strides.
+        HANDLE_TH_ERRORS
+        torch_ext::check_backward_strides(grad_y, x_strides);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      pybind11::arg("grad_y"), pybind11::arg("x_strides"));
   m.def(
       "check_inplace_allowed",
       [](const at::Tensor& x) {

@@ -246,11 +246,11 @@ at::Tensor forward_cuda_(at::Tensor& x, int64_t bit, double max_value) {
   return layouts::forward_(x, ForwardKernel{bit, max_value});
 }
 
-at::Tensor backward_cuda(const at::Tensor& grad_y, const at::Tensor& mask) {
+at::Tensor backward_cuda(const at::Tensor& grad_y, const at::Tensor& mask, at::OptionalSymIntArrayRef x_strides) {
   check_backward_arguments(grad_y, mask);
   check_cuda(grad_y, "grad_y");
   c10::cuda::CUDAGuard guard(grad_y.device());
-  return layouts::backward(grad_y, mask, [](const at::Tensor& g, const at::Tensor& out, const uint8_t* m) {
+  return layouts::backward(grad_y, mask, x_strides, [](const at::Tensor& g, const at::Tensor& out, const uint8_t* m) {
     const int64_t numel = g.numel();
     const int64_t grid = grid_for(numel, g.device().index());
     const auto stream = c10::cuda::getCurrentCUDAStream();

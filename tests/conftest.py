@@ -223,6 +223,37 @@ def expected_mask(x: torch.Tensor, max_value: float) -> torch.Tensor:
     return ((xt > 0) & (xt < torch.tensor(max_value, dtype=t))).reshape(-1)
 
 
+def expected_mask_in_layout(x: torch.Tensor, max_value: float, strides) -> torch.Tensor:
+    """expected_mask in the memory order of the dense layout with these
+    strides (docs/quantizer.md: bit k is the element at memory offset k)."""
+    flags = expected_mask(x, max_value).reshape(x.shape)
+    dense = torch.empty_strided(x.shape, strides, dtype=torch.bool)
+    dense.copy_(flags)
+    return dense.as_strided((x.numel(),), (1,))
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    """x.is_non_overlapping_and_dense() of C++: every element at its own
+    offset, the offsets filling one span (any order of the dims)."""
+    if x.numel() == 0:
+        return True  # no element, no overlap (and strides that mean nothing)
+    if x.dim() == 1:
+        return x.shape[0] < 2 or x.stride(0) == 1
+    expected = 1
+    for size, stride in sorted(zip(x.shape, x.stride()), key=lambda d: d[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def contiguous_strides(shape) -> tuple:
+    """The strides of a row-major tensor of this shape (as .contiguous() makes them)."""
+    return torch.empty(shape, device="meta").stride()
+
+
 # --------------------------------------------------------------------------
 # Adversarial values.
 

@@ -30,6 +30,7 @@ from conftest import (
     assert_bit_exact,
     assert_same_layout,
     dtype_id,
+    is_dense,
     expected_mask,
     requires_triton,
     tie_values,
@@ -204,6 +205,48 @@ def test_layouts_identical_to_cpu(dtype, layout):
         quantize_(v_cpu, bit, max_value)
         assert_bit_exact(v, y_cpu, "in place " + layout, nan_payload=False)
         assert_bit_exact(base_holder["cuda"], base_holder["cpu"], "in place, whole base " + layout, nan_payload=False)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "permuted", "channels_last_sliced", "empty"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_memory_order_mask_identical_to_cpu(dtype, layout):
+    """The mask in the memory order of the dense tensor the kernel ran on
+    (docs/quantizer.md): the same bits as the CPU for the same layout, and the
+    backward with x_strides, grad_y in x's layout or another, and autograd
+    (grad_x in x's layout) identical to the CPU."""
+    for bit in (1, 2, 8, 32):
+        max_value = 1.5
+        x_cpu = LAYOUTS[layout](lambda *shape: values(shape, dtype, max_value, seed=bit))
+        x = LAYOUTS[layout](lambda *shape: values(shape, dtype, max_value, seed=bit).cuda())
+        assert x.stride() == x_cpu.stride()
+        what = f"{layout} {dtype_id(dtype)} bit={bit}"
+        (y, mask), (y_cpu, mask_cpu) = (
+            ops.linear_mid_tread_half_quantize_forward(x, bit, max_value),
+            ops.linear_mid_tread_half_quantize_forward(x_cpu, bit, max_value),
+        )
+        assert y.stride() == y_cpu.stride(), what
+        assert_bit_exact(y, y_cpu, what, nan_payload=False)
+        assert torch.equal(mask.cpu(), mask_cpu), "mask " + what
+        if is_dense(x) and x.numel():
+            # Bit k is the element at memory offset k of x.
+            flat = x_cpu.as_strided((x_cpu.numel(),), (1,))
+            assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask(flat, max_value)), what
+        g_cpu = grads_like(x_cpu)
+        for gname, gl in (("like x", torch.empty_like(g_cpu).copy_(g_cpu)), ("contiguous", g_cpu.contiguous())):
+            gx = ops.linear_mid_tread_half_quantize_backward(gl.cuda(), mask, y.stride())
+            gx_cpu = ops.linear_mid_tread_half_quantize_backward(gl, mask_cpu, y_cpu.stride())
+            assert_bit_exact(gx, gx_cpu, f"backward op, grad_y {gname}, {what}")
+            assert_bit_exact(gx, reference_backward(gl, x_cpu, max_value), f"backward op, grad_y {gname}, {what}")
+            assert gx.stride() == y.stride() or gx.numel() == 0, what
+            leaf = x.detach().clone().requires_grad_()
+            (grad,) = torch.autograd.grad(quantize(leaf * 1, bit, max_value), leaf, gl.cuda())
+            assert_bit_exact(grad, gx_cpu, f"autograd, grad_y {gname}, {what}", nan_payload=False)
+        if layout != "empty":
+            xi, xi_cpu = x.clone(), x_cpu.clone()
+            assert torch.equal(
+                ops.linear_mid_tread_half_quantize_forward_(xi, bit, max_value).cpu(),
+                ops.linear_mid_tread_half_quantize_forward_(xi_cpu, bit, max_value),
+            ), "forward_ mask " + what
 
 
 @pytest.mark.parametrize("offset", range(0, 9))
@@ -499,8 +542,12 @@ def test_opcheck_on_cuda():
         torch.library.opcheck(ops.linear_mid_tread_half_quantize_.default, (x.clone(), 3, 1.5))
         torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward.default, (x, 3, 1.5))
         torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward_.default, (x.clone(), 3, 1.5))
-        _, mask = ops.linear_mid_tread_half_quantize_forward(x, 3, 1.5)
+        y, mask = ops.linear_mid_tread_half_quantize_forward(x, 3, 1.5)
         torch.library.opcheck(ops.linear_mid_tread_half_quantize_backward.default, (torch.ones_like(x), mask))
+        for g in (torch.ones_like(x), torch.ones_like(x).contiguous()):
+            torch.library.opcheck(
+                ops.linear_mid_tread_half_quantize_backward.default, (g, mask, list(y.stride()))
+            )
 
 
 @requires_triton

@@ -39,8 +39,11 @@ from conftest import (
     as_bits,
     assert_bit_exact,
     assert_same_layout,
+    contiguous_strides,
     dtype_id,
+    is_dense,
     expected_mask,
+    expected_mask_in_layout,
     requires_cuda,
     tie_values,
     unpack_mask,
@@ -290,10 +293,13 @@ def test_layouts_out_of_place(dtype, layout):
         if layout.startswith("channels_last") and layout != "channels_last_sliced":
             fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
             assert y.is_contiguous(memory_format=fmt), f"{name} {layout}: channels_last stays channels_last"
-    _, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+    y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
     assert mask.shape == ((x.numel() + 7) // 8,)
     bits, padding = unpack_mask(mask, x.numel())
-    assert torch.equal(bits, expected_mask(x, max_value)), layout
+    # The mask follows y's memory order, which is x's own for a dense x.
+    if is_dense(x):
+        assert_same_layout(y, x, layout)
+    assert torch.equal(bits, expected_mask_in_layout(x, max_value, y.stride())), layout
     assert not padding.any(), "the padding bits of the last mask byte are 0"
 
 
@@ -327,9 +333,12 @@ def test_layouts_in_place(dtype, layout):
         elif name == "module":
             assert torch_ext.QuantActivation(bit, max_value, inplace=True)(view) is view
         else:
+            dense = is_dense(view)
             mask = ops.linear_mid_tread_half_quantize_forward_(view, bit, max_value)
             bits, _ = unpack_mask(mask, view0.numel())
-            assert torch.equal(bits, expected_mask(view0, max_value)), f"{layout}: mask of the original x"
+            # x's memory order when x is dense, row-major otherwise.
+            order = view0.stride() if dense else contiguous_strides(view0.shape)
+            assert torch.equal(bits, expected_mask_in_layout(view0, max_value, order)), f"{layout}: mask of x"
         assert view.data_ptr() == LAYOUTS[layout](lambda shape: base).data_ptr()
         assert_bit_exact(view, reference(view0, bit, max_value), f"{name} {layout}", nan_payload=False)
         assert_bit_exact(base, expected_base, f"{name} {layout}: the whole base", nan_payload=False)

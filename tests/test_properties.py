@@ -39,7 +39,7 @@ from conftest import (
     HAS_CUDA,
     assert_bit_exact,
     assert_same_layout,
-    expected_mask,
+    expected_mask_in_layout,
     unpack_mask,
 )
 
@@ -267,9 +267,12 @@ def test_kernel_ops_match_reference(case, seed):
     assert_bit_exact(y, expected, "forward " + what, nan_payload=False)
     assert_no_nan_for_finite_input(y, x, "forward " + what)
     assert mask.dtype == torch.uint8 and mask.shape == ((x.numel() + 7) // 8,)
-    assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask(x, max_value)), "mask " + what
+    # The mask follows y's memory order (x's own when x is dense).
+    assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask_in_layout(x, max_value, y.stride())), "mask " + what
     g = _grad_y(x, seed)
-    assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g, mask), reference_backward(g.cpu(), x.cpu(), max_value), "backward " + what)
+    grad_x = ops.linear_mid_tread_half_quantize_backward(g, mask, y.stride())
+    assert_bit_exact(grad_x, reference_backward(g.cpu(), x.cpu(), max_value), "backward " + what)
+    assert_same_layout(grad_x, y, "grad_x in x's layout " + what)
     if x.stride() and 0 in x.stride() and x.numel() > 1:
         return  # an expanded view cannot be written in place
     xi = x.clone()
@@ -317,4 +320,8 @@ def test_cuda_equals_cpu(case, seed):
     assert_bit_exact(y, yc, what, nan_payload=False)
     assert torch.equal(mask.cpu(), maskc), what
     g = _grad_y(x, seed)
-    assert_bit_exact(ops.linear_mid_tread_half_quantize_backward(g, mask), ops.linear_mid_tread_half_quantize_backward(g.cpu(), maskc), what)
+    assert_bit_exact(
+        ops.linear_mid_tread_half_quantize_backward(g, mask, y.stride()),
+        ops.linear_mid_tread_half_quantize_backward(g.cpu(), maskc, yc.stride()),
+        what,
+    )

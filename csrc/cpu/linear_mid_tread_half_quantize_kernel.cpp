@@ -60,6 +60,84 @@ inline uint8_t pack_flags(const uint8_t* flags) {
   return static_cast<uint8_t>((f * 0x0102040810204080ULL) >> 56);
 }
 
+template <typename To, typename From>
+C10_ALWAYS_INLINE To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  std::memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+// Storage <-> compute type, through the bits: load(bits) -> T and
+// store(T) -> bits of the result rounded to scalar_t, any NaN written as the
+// one NaN of formula.h. For float16 and bfloat16 these are the exact
+// round-to-nearest-even conversions c10 makes, written as integer operations
+// and selects with no branch and no call, so that the loops vectorize under
+// both ISAs (c10's own branch on NaN or go one value at a time, which left
+// the float16 and bfloat16 loops scalar at several times relu's time).
+template <typename scalar_t>
+struct Storage {
+  using B = bits_t<scalar_t>;
+  using T = compute_t<scalar_t>;
+  static C10_ALWAYS_INLINE T load(B b) {
+    return bit_cast<scalar_t>(b);
+  }
+  static C10_ALWAYS_INLINE B store(T r) {
+    return formula::canonical_nan<scalar_t>(bit_cast<B>(static_cast<scalar_t>(r)));
+  }
+};
+
+template <>
+struct Storage<c10::BFloat16> {
+  using B = uint16_t;
+  static C10_ALWAYS_INLINE float load(B b) {
+    return bit_cast<float>(static_cast<uint32_t>(b) << 16);
+  }
+  static C10_ALWAYS_INLINE B store(float r) {
+    const uint32_t u = bit_cast<uint32_t>(r);
+    // Round to nearest even on the 16 dropped bits (a carry into the exponent
+    // is the right result, up to infinity).
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    return static_cast<B>(nan ? uint32_t{formula::NaNBits<c10::BFloat16>::value} : rounded);
+  }
+};
+
+template <>
+struct Storage<c10::Half> {
+  using B = uint16_t;
+  static C10_ALWAYS_INLINE float load(B h) {
+    // Exponent and mantissa moved under float's, the exponent rebased by
+    // 127 - 15; infinities and NaNs (exponent 31) get the rest of the way to
+    // 255, and subnormals (exponent 0) are renormalised by one exact float
+    // subtraction of 2^-14.
+    const uint32_t magnitude = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+    const uint32_t exponent = magnitude & 0x0F800000u;
+    const uint32_t normal = magnitude + ((127u - 15u) << 23);
+    const uint32_t special = normal + ((128u - 16u) << 23);
+    const uint32_t subnormal =
+        bit_cast<uint32_t>(bit_cast<float>(normal + (1u << 23)) - bit_cast<float>((127u - 14u) << 23));
+    const uint32_t bits = exponent == 0x0F800000u ? special : (exponent == 0 ? subnormal : normal);
+    return bit_cast<float>(bits | (static_cast<uint32_t>(h & 0x8000u) << 16));
+  }
+  static C10_ALWAYS_INLINE B store(float r) {
+    const uint32_t u = bit_cast<uint32_t>(r);
+    const uint32_t sign = (u >> 16) & 0x8000u;
+    const uint32_t a = u & 0x7FFFFFFFu;
+    // |r| >= 65520 rounds to infinity; NaN is the one NaN.
+    const uint32_t overflow = a > 0x7F800000u ? uint32_t{formula::NaNBits<c10::Half>::value} : 0x7C00u;
+    // |r| < 2^-14: the float addition of 0.5 rounds the value to a multiple
+    // of 2^-24 (the subnormal step of float16), nearest even, in the FPU.
+    const uint32_t small = bit_cast<uint32_t>(bit_cast<float>(a) + 0.5f) - 0x3F000000u;
+    // Normal: rebase the exponent and round the 13 dropped bits to nearest
+    // even (a carry into the exponent is the right result).
+    const uint32_t normal = (a + ((15u - 127u) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    const uint32_t magnitude = a >= 0x477FF000u ? overflow : (a < 0x38800000u ? small : normal);
+    const bool nan = a > 0x7F800000u;
+    return static_cast<B>(nan ? magnitude : (magnitude | sign));
+  }
+};
+
 // The loops, written so that they vectorize (no calls, selects instead of
 // branches, the mask packed from and unpacked to a byte array). They are
 // always inlined into the per-ISA entry points below, so each ISA gets its
@@ -68,12 +146,21 @@ template <typename scalar_t, bool kWriteMask>
 C10_ALWAYS_INLINE void forward_block_impl(
     const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
   using T = compute_t<scalar_t>;
+  using B = bits_t<scalar_t>;
+  using S = Storage<scalar_t>;
   const T m = p.max_value;
+  // x and y are read and written through their bits with memcpy (the
+  // defined way to pun, which compilers vectorize like plain loads/stores).
+  const auto load = [x](int64_t j) {
+    B b;
+    std::memcpy(&b, x + j, sizeof(B));
+    return S::load(b);
+  };
   if (kWriteMask) {
     // The mask first: in place, y overwrites x.
     alignas(64) uint8_t flags[kBlock];
     for (int64_t j = 0; j < count; ++j) {
-      flags[j] = formula::passes_gradient(static_cast<T>(x[j]), m);
+      flags[j] = formula::passes_gradient(load(j), m);
     }
     const int64_t bytes = mask_numel(count);
     for (int64_t j = count; j < 8 * bytes; ++j) {
@@ -83,25 +170,17 @@ C10_ALWAYS_INLINE void forward_block_impl(
       mask[b] = pack_flags(flags + 8 * b);
     }
   }
-  // Each result goes out through its bits, with any NaN replaced by the one
-  // NaN pattern of formula.h that the CUDA kernels write too (memcpy: the
-  // defined way to pun, which compilers vectorize like a plain store).
-  using B = bits_t<scalar_t>;
+  // Any NaN result goes out as the one NaN pattern of formula.h that the
+  // CUDA kernels write too (Storage::store).
   if (p.clip_only) {
     for (int64_t j = 0; j < count; ++j) {
-      const scalar_t r = static_cast<scalar_t>(formula::clip(static_cast<T>(x[j]), m));
-      B bits;
-      std::memcpy(&bits, &r, sizeof(B));
-      bits = formula::canonical_nan<scalar_t>(bits);
+      const B bits = S::store(formula::clip(load(j), m));
       std::memcpy(y + j, &bits, sizeof(B));
     }
   } else {
     const T n = p.levels;
     for (int64_t j = 0; j < count; ++j) {
-      const scalar_t r = static_cast<scalar_t>(formula::quantize_levels(static_cast<T>(x[j]), m, n));
-      B bits;
-      std::memcpy(&bits, &r, sizeof(B));
-      bits = formula::canonical_nan<scalar_t>(bits);
+      const B bits = S::store(formula::quantize_levels(load(j), m, n));
       std::memcpy(y + j, &bits, sizeof(B));
     }
   }
@@ -256,10 +335,10 @@ at::Tensor forward_cpu_(at::Tensor& x, int64_t bit, double max_value) {
   return layouts::forward_(x, ForwardKernel{bit, max_value});
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad_y, const at::Tensor& mask) {
+at::Tensor backward_cpu(const at::Tensor& grad_y, const at::Tensor& mask, at::OptionalSymIntArrayRef x_strides) {
   check_backward_arguments(grad_y, mask);
   check_cpu(grad_y, "grad_y");
-  return layouts::backward(grad_y, mask, [](const at::Tensor& g, const at::Tensor& out, const uint8_t* m) {
+  return layouts::backward(grad_y, mask, x_strides, [](const at::Tensor& g, const at::Tensor& out, const uint8_t* m) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "linear_mid_tread_half_quantize_backward_cpu", [&] {
       backward_span<scalar_t>(
           static_cast<const scalar_t*>(g.const_data_ptr()), static_cast<scalar_t*>(out.data_ptr()), m, g.numel());

@@ -134,6 +134,37 @@ TEST_CASE("the forward op packs the mask 8 elements a byte, row-major", "[mask]"
   CHECK(grad.sum().item<float>() == 5.0f);
 }
 
+TEST_CASE("a channels_last x: the mask in memory order, grad_x in x's layout", "[mask][layout]") {
+  // x[0, c, h, w] = c + 10 * h + 100 * w - 30, stored NHWC.
+  auto x = (torch::arange(2 * 3 * 4, torch::kFloat).reshape({1, 2, 3, 4}) - 3.0f)
+               .contiguous(at::MemoryFormat::ChannelsLast);
+  REQUIRE(!x.is_contiguous());
+  auto [y, mask] = torch_ext::linear_mid_tread_half_quantize_forward(x, 2, 2.0);
+  CHECK(y.strides() == x.strides());
+  // Bit k of the mask is the element at memory offset k of x.
+  const float* memory = x.const_data_ptr<float>();
+  for (int64_t k = 0; k < x.numel(); ++k) {
+    INFO("offset " << k);
+    const bool expected = memory[k] > 0.0f && memory[k] < 2.0f;
+    CHECK(((mask[k / 8].item<uint8_t>() >> (k % 8)) & 1) == static_cast<int>(expected));
+  }
+  const auto inside = torch::logical_and(x > 0, x < 2);
+  auto g = torch::arange(x.numel(), torch::kFloat).reshape(x.sizes()) + 1.0f;  // row-major
+  for (const auto& gl : {g, g.contiguous(at::MemoryFormat::ChannelsLast)}) {
+    auto grad = torch_ext::linear_mid_tread_half_quantize_backward(gl, mask, y.strides());
+    CHECK(grad.strides() == x.strides());
+    CHECK(torch::equal(grad, torch::where(inside, gl, torch::zeros({}))));
+  }
+  // Through autograd: a channels_last leaf gets a channels_last gradient.
+  auto leaf = x.detach().clone().requires_grad_(true);
+  torch_ext::linear_mid_tread_half_quantize(leaf, 2, 2.0).backward(g);
+  CHECK(leaf.grad().is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK(torch::equal(leaf.grad(), torch::where(inside, g, torch::zeros({}))));
+  // Strides of the wrong length or of no dense layout are refused.
+  CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_backward(g, mask, {1, 2}), c10::ValueError);
+  CHECK_THROWS_AS(torch_ext::linear_mid_tread_half_quantize_backward(g, mask, {0, 0, 0, 0}), c10::ValueError);
+}
+
 TEST_CASE("in place writes into x and keeps the gradient of the original x", "[inplace]") {
   auto leaf = torch::tensor({-1.0f, 0.5f, 1.5f, 3.0f}).requires_grad_(true);
   auto x = leaf * 1.0f;
