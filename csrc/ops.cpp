@@ -135,4 +135,10 @@ TORCH_LIBRARY(torch_ext, m) {
       "-> (Tensor y, Tensor mask)");
   m.def("linear_mid_tread_half_quantize_forward_(Tensor(a!) x, int bit, float max_value) -> Tensor mask");
   m.def("linear_mid_tread_half_quantize_backward(Tensor grad_y, Tensor mask) -> Tensor");
+
+  // ---- Blueoil's binary weight quantizers (issue 16): kernels, C++ entry
+  // points and straight-through autograd in csrc/weight_quantization.cpp,
+  // fake kernels in torch_ext/_meta.py, contract in docs/quantizer.md.
+  m.def("binary_mean_scaling_quantize(Tensor w) -> Tensor");
+  m.def("binary_channel_wise_mean_scaling_quantize(Tensor w) -> Tensor");
 }
