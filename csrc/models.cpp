@@ -66,7 +66,9 @@ void init_conv(QuantConv2dImpl& conv, Init init) {
       const double fan_in = static_cast<double>(conv.weight[0].numel());
       const double std = std::sqrt(2.0 / fan_in) / kTruncatedNormalStd;
       // Truncated at two standard deviations: redraw what falls outside.
-      conv.weight.normal_(0.0, std);
+      // init::normal_ rather than Tensor::normal_: GCC 12 warns (falsely) about
+      // the inlined default generator argument of the latter.
+      torch::nn::init::normal_(conv.weight, 0.0, std);
       for (auto outside = conv.weight.abs() > 2.0 * std; outside.any().item<bool>();
            outside = conv.weight.abs() > 2.0 * std) {
         conv.weight.masked_scatter_(outside, torch::randn_like(conv.weight).mul_(std));
