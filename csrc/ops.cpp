@@ -218,6 +218,12 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def(
       "linear_mid_tread_half_quantize_learnable_backward(Tensor grad_y, Tensor saved, Tensor max_value, int bit, "
       "str mode, bool scale_grad) -> (Tensor grad_x, Tensor grad_max_value)");
+
+  // ---- Blueoil's binary weight quantizers: kernels, C++ entry
+  // points and straight-through autograd in csrc/weight_quantization.cpp,
+  // fake kernels in torch_ext/_meta.py, contract in docs/quantizer.md.
+  m.def("binary_mean_scaling_quantize(Tensor w) -> Tensor");
+  m.def("binary_channel_wise_mean_scaling_quantize(Tensor w) -> Tensor");
 }
 
 // ---- Learnable max_value: argument checks and C++ entry points ----

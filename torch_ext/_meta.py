@@ -233,3 +233,32 @@ def _learnable_backward_fake(grad_y, saved, max_value, bit, mode, scale_grad):
             lambda: f"{op}: saved must be x (of grad_y's shape) in lsq mode, got saved of shape {list(saved.shape)}",
         )
     return _contiguous_like(grad_y), max_value.new_empty(())
+    return torch.empty_like(grad_y)
+
+
+# ---- Blueoil's binary weight quantizers (csrc/weight_quantization.cpp). The
+# output is laid out like w (the kernels write into empty_like(w)). The checks
+# are those of the C++ kernels, with their wording: tracing refuses what
+# eager refuses.
+
+
+def _check_weight_fake(op: str, w: torch.Tensor) -> None:
+    if not w.is_floating_point():
+        raise TypeError(f"{op}: w must have a floating dtype, got dtype={w.dtype}")
+
+
+@torch.library.register_fake("torch_ext::binary_mean_scaling_quantize")
+def _binary_mean_scaling_fake(w):
+    _check_weight_fake("binary_mean_scaling_quantize", w)
+    return torch.empty_like(w)
+
+
+@torch.library.register_fake("torch_ext::binary_channel_wise_mean_scaling_quantize")
+def _binary_channel_wise_mean_scaling_fake(w):
+    _check_weight_fake("binary_channel_wise_mean_scaling_quantize", w)
+    if w.dim() == 0:
+        raise ValueError(
+            "binary_channel_wise_mean_scaling_quantize: w must have an output-channel dim (dim >= 1), "
+            "got a 0-dim tensor of shape ()"
+        )
+    return torch.empty_like(w)
