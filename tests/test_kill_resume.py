@@ -1,6 +1,6 @@
 """No lost work: a training run killed with SIGKILL at arbitrary moments keeps
 its last complete checkpoint intact, and --resume finishes with the same
-weights as an uninterrupted run (issue 7, item 4)."""
+weights as an uninterrupted run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The packed mask in memory order: no copies for dense layouts (issue 13).
+"""The packed mask in memory order: no copies for dense layouts.
 
 docs/quantizer.md, "The packed gradient mask": the mask follows the memory
 order of the dense tensor the kernel runs on (x itself when x is dense:

@@ -1,9 +1,11 @@
 // The LibTorch module torch_ext::QuantActivation.
-#include "catch_compat.h"
 
 #include <torch_ext/quant_activation.h>
 
 #include <torch/torch.h>
+// torch's logging defines a CHECK of its own: Catch2's must be the one the tests use.
+#undef CHECK
+#include "catch_compat.h"
 
 #include <sstream>
 
