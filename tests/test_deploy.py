@@ -402,13 +402,18 @@ def test_converted_codes_and_logits_agree(kind, kwargs):
     model.eval()
     deployed = deploy.convert(model)
     x = torch.rand(6, 3, 16, 24, generator=gen)
+    _assert_codes_and_logits_agree(model, deployed, x)
+
+
+def _assert_codes_and_logits_agree(model, deployed, x):
     logits, acts, convs = _record(model, x)
     codes = deployed.codes(x)
     assert sorted(codes) == sorted(acts)
     total = disagree = 0
     for name, pre in acts.items():
         act = model.get_submodule(name)
-        expected = torch_ext.quantize_to_codes(pre, act.bit, act.max_value)
+        max_value = act.fixed_max_value()  # the learned value too, where max_value is learned
+        expected = torch_ext.quantize_to_codes(pre, act.bit, max_value)
         got = codes[name]
         assert got.dtype == torch.uint8 and got.shape == expected.shape
         diff = got.long() - expected.long()
@@ -422,7 +427,7 @@ def test_converted_codes_and_logits_agree(kind, kwargs):
         assert diff.abs().max() == 1, name
         n = 2**act.bit - 1
         lower = torch.minimum(got, expected).long()[bad].double()
-        boundary = (lower + 0.5) / n * act.max_value
+        boundary = (lower + 0.5) / n * max_value
         tol = _pre_activation_error_bound(model, name, convs)[bad]
         assert ((pre.double()[bad] - boundary).abs() <= tol).all(), name
     assert disagree <= total * 1e-3
@@ -696,3 +701,16 @@ def test_fold_thresholds_property(gamma, beta, mean, var, scale, out_bit, max_va
     acc = torch.arange(-bound, bound + 1)
     got = (direction.view(-1, 1, 1).long() * acc.view(1, -1, 1) >= thresholds.view(2, 1, -1).long()).sum(-1)
     assert torch.equal(got, pipeline(acc))
+
+
+@pytest.mark.parametrize("mode", ["pact", "lsq"])
+def test_learned_max_value_converts_with_the_value_it_learned(mode):
+    gen = torch.Generator().manual_seed(11)
+    torch.manual_seed(11)
+    model = LmnetV1Quantize(activation_quantizer_kwargs={"bit": 2, "max_value": 2.0, "learn_max_value": mode})
+    _randomize_batch_norm(model, gen)
+    with torch.no_grad():
+        for i, act in enumerate(m for m in model.modules() if isinstance(m, torch_ext.QuantActivation)):
+            act.max_value.fill_(1.5 + 0.25 * i)  # as if trained: a different clip in each layer
+    model.eval()
+    _assert_codes_and_logits_agree(model, deploy.convert(model), torch.rand(6, 3, 16, 24, generator=gen))

@@ -678,6 +678,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(images [N, 64, 32, 32]; sizes must be multiples of 64K)")
     p.add_argument("--no-compile", action="store_true",
                    help="leave out the torch.compile'd composite (its compilation takes tens of seconds a case)")
+    p.add_argument("--learnable", action="store_true",
+                   help="benchmark the learnable max_value (PACT, LSQ) against the fixed operator and torch's "
+                        "learnable fake-quantize instead (torch_ext.bench_learnable)")
     p.add_argument("--deploy", action="store_true",
                    help="benchmark the deployed (bit-packed) LMNet against the float and fake-quantized models "
                         "instead (torch_ext.deploy.bench)")
@@ -799,6 +802,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from torch_ext.deploy import bench as deploy_bench  # only this mode needs it
 
         deploy_bench.main(["--json", args.json] if args.json else [])
+        return 0
+    if args.learnable:
+        from torch_ext import bench_learnable  # only this mode needs it
+
+        bench_learnable.main(["--threads", str(args.threads)] if args.threads else [])
         return 0
     devices = _devices(args.devices)
     if args.threads is not None:

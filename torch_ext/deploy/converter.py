@@ -202,7 +202,8 @@ def _check_bn(name: str, bn: nn.BatchNorm2d) -> None:
 def _quant_params(name: str, act: QuantActivation) -> Tuple[int, float]:
     if act.bit > _MAX_PACKED_BIT:
         raise _refuse(name, act, f"bit={act.bit}: the packed kernels take codes of 1..{_MAX_PACKED_BIT} bits")
-    return int(act.bit), float(act.max_value)
+    # A learned max_value is read once here, as the value the trained model uses (float32 compute).
+    return int(act.bit), act.fixed_max_value(torch.float32)
 
 
 def fold_thresholds(
@@ -304,7 +305,7 @@ def _threshold_pipeline(conv: nn.Conv2d, scale: torch.Tensor, in_step: float, fo
         with torch.no_grad():
             for module in folded:
                 y = module(y)
-            return quantize_to_codes(y[0, :, :, 0], act.bit, act.max_value).to(torch.int64)
+            return quantize_to_codes(y[0, :, :, 0], act.bit, act.fixed_max_value(y.dtype)).to(torch.int64)
 
     return pipeline
 
