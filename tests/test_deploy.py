@@ -574,15 +574,6 @@ def _train_digits(model, splits, epochs, gen):
     return model.eval()
 
 
-@pytest.fixture
-def one_thread():
-    """Small models train faster on one thread (no OpenMP hand-offs), above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 def test_digits_trained_model_predictions_agree(one_thread):
     from torch_ext.data import load_digits
