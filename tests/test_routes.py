@@ -164,3 +164,47 @@ def test_per_sample_gradients_of_a_quantized_model_equal_a_loop():
         nn.functional.cross_entropy(model(images[i : i + 1]), labels[i : i + 1]).backward()
         for name, param in model.named_parameters():
             torch.testing.assert_close(batched[name][i], param.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- TorchScript and jit.trace
+
+
+def _node_kinds(block) -> set:
+    """Every node kind of a TorchScript graph, inside if/loop blocks too."""
+    kinds = set()
+    for node in block.nodes():
+        kinds.add(node.kind())
+        for inner in node.blocks():
+            kinds |= _node_kinds(inner)
+    return kinds
+
+
+@pytest.mark.parametrize("name", ["lmnet_v1_quantize", "sample_network_quantize", "lmnet_v1", "sample_network"])
+@pytest.mark.parametrize("route", ["script", "trace"])
+def test_torchscript_of_whole_models_records_only_registered_ops(name, route, tmp_path):
+    import io
+
+    torch.manual_seed(0)
+    kwargs = {"weight_quantizer": "binary_channel_wise_mean_scaling"} if name == "lmnet_v1_quantize" else {}
+    model = models.get_model(name, num_classes=4, in_channels=3, **kwargs).eval()
+    x = torch.randn(2, 3, 16, 16)
+    scripted = torch.jit.script(model) if route == "script" else torch.jit.trace(model, x)
+    kinds = _node_kinds(scripted.inlined_graph)
+    assert not any("Python" in k for k in kinds), sorted(kinds)
+    if name.endswith("_quantize"):
+        assert any(k.startswith("torch_ext::") and "scaling_quantize" in k for k in kinds), sorted(kinds)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    assert torch.equal(loaded(x), model(x))
+    if route == "script" and name.startswith("lmnet"):  # the scripted model still checks its input
+        with pytest.raises(Exception, match="divisible by 8"):
+            loaded(torch.randn(1, 3, 12, 12))
+
+
+def test_torchscript_refuses_a_python_weight_quantizer_at_run_time():
+    conv = QuantConv2d(3, 4, 3, weight_quantizer=twn_weight_quantize)
+    scripted = torch.jit.script(conv)
+    with pytest.raises(Exception, match="only the binary weight quantizers"):
+        scripted(torch.randn(1, 3, 5, 5))

@@ -127,6 +127,13 @@ def _check_image_input(x: torch.Tensor, multiple: int, name: str, why: str = "")
 torch.fx.wrap("_check_image_input")
 
 
+def _check_image_input_scripted(x: torch.Tensor, multiple: int, name: str) -> None:
+    """:func:`_check_image_input` in what TorchScript compiles (a scripted model checks its input too)."""
+    if x.dim() != 4 or x.shape[2] % multiple != 0 or x.shape[3] % multiple != 0:
+        raise ValueError(name + ": expected input [N, C, H, W] with H and W divisible by " + str(multiple)
+                         + ", got shape " + str(x.shape))
+
+
 class SpaceToDepth(nn.Module):
     """Rearrange ``[N, C, H, W]`` into ``[N, C*b*b, H/b, W/b]`` in TensorFlow's order.
 
@@ -150,7 +157,10 @@ class SpaceToDepth(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the rearrangement to a 4-D tensor."""
         b = self.block_size
-        _check_image_input(x, b, "SpaceToDepth", f"block_size={b}")
+        if torch.jit.is_scripting():
+            _check_image_input_scripted(x, b, "SpaceToDepth")
+        else:
+            _check_image_input(x, b, "SpaceToDepth", f"block_size={b}")
         n, c, h, w = x.shape
         x = x.reshape(n, c, h // b, b, w // b, b)
         # -> [n, dy, dx, c, h/b, w/b]: the TF order puts the block offset outermost.
@@ -457,7 +467,10 @@ class LmnetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        _check_image_input(x, 8, type(self).__name__)
+        if torch.jit.is_scripting():
+            _check_image_input_scripted(x, 8, "the model")
+        else:
+            _check_image_input(x, 8, type(self).__name__)
         x = self.conv1(x)
         x = self.pool2(self.conv2(x))
         x = self.conv3(x)
@@ -758,7 +771,10 @@ class LmResnet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        _check_image_input(x, 8, type(self).__name__)
+        if torch.jit.is_scripting():
+            _check_image_input_scripted(x, 8, "the model")
+        else:
+            _check_image_input(x, 8, type(self).__name__)
         x = self.conv0(x)
         x = self.group3(self.group2(self.group1(self.group0(x))))
         x = self.relu(self.bn(x))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Type, Union
 import torch
 from torch import nn
 
-from .weight_quantization import binary_mean_scaling_quantize
+from .weight_quantization import binary_channel_wise_mean_scaling_quantize, binary_mean_scaling_quantize
 
 __all__ = ["QuantConv2d"]
 
@@ -25,6 +25,16 @@ def _callable_name(fn: Any) -> str:
     """A short, stable name for a quantizer, for ``repr`` and error messages."""
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return name if name is not None else repr(fn)
+
+
+def _scripted_name(weight_quantizer: Any, kwargs: Mapping[str, Any]) -> str:
+    if weight_quantizer is None:
+        return "none"
+    if not kwargs and weight_quantizer is binary_mean_scaling_quantize:
+        return "binary_mean_scaling"
+    if not kwargs and weight_quantizer is binary_channel_wise_mean_scaling_quantize:
+        return "binary_channel_wise_mean_scaling"
+    return "python"
 
 
 class QuantConv2d(nn.Conv2d):
@@ -83,15 +93,31 @@ class QuantConv2d(nn.Conv2d):
         # An nn.Module is registered as a submodule by nn.Module.__setattr__.
         self.weight_quantizer = weight_quantizer
         self.weight_quantizer_kwargs = quantizer_kwargs
+        # What TorchScript runs (it cannot call a Python function held by the
+        # module): the registered operator of a binary quantizer, or none.
+        self.scripted_weight_quantizer: str = _scripted_name(weight_quantizer, quantizer_kwargs)
 
+    @torch.jit.unused
     def quantized_weight(self) -> torch.Tensor:
         """The weight this layer convolves with (differentiable w.r.t. ``weight``)."""
         if self.weight_quantizer is None:
             return self.weight
         return self.weight_quantizer(self.weight, **self.weight_quantizer_kwargs)
 
+    def _scripted_weight(self) -> torch.Tensor:
+        if self.scripted_weight_quantizer == "binary_mean_scaling":
+            return torch.ops.torch_ext.binary_mean_scaling_quantize(self.weight)
+        if self.scripted_weight_quantizer == "binary_channel_wise_mean_scaling":
+            return torch.ops.torch_ext.binary_channel_wise_mean_scaling_quantize(self.weight)
+        if self.scripted_weight_quantizer == "none":
+            return self.weight
+        raise RuntimeError("QuantConv2d: in TorchScript only the binary weight quantizers (registered operators) "
+                           "or none run; this layer's is a Python one")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` with :meth:`quantized_weight` (padding modes as ``nn.Conv2d``)."""
+        if torch.jit.is_scripting():
+            return self._conv_forward(x, self._scripted_weight(), self.bias)
         return self._conv_forward(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:

@@ -130,6 +130,10 @@ def binary_mean_scaling_quantize(w: torch.Tensor) -> torch.Tensor:
     if traced is not None:
         return traced
     _check_weight(w, "binary_mean_scaling_quantize")
+    if torch.jit.is_tracing():
+        # torch.jit.trace records the registered operator (same values, C++ autograd), so the traced
+        # model holds no Python op and runs in LibTorch.
+        return torch.ops.torch_ext.binary_mean_scaling_quantize(w)
     return _BinaryMeanScaling.apply(w)
 
 
@@ -164,6 +168,8 @@ def binary_channel_wise_mean_scaling_quantize(w: torch.Tensor) -> torch.Tensor:
             "binary_channel_wise_mean_scaling_quantize: w must have an output-"
             f"channel dim (dim >= 1), got a 0-dim tensor of shape {tuple(w.shape)}"
         )
+    if torch.jit.is_tracing():  # as in binary_mean_scaling_quantize
+        return torch.ops.torch_ext.binary_channel_wise_mean_scaling_quantize(w)
     return _BinaryChannelWiseMeanScaling.apply(w)
 
 
