@@ -1,12 +1,14 @@
 """Write a deployed (bit-packed) LmnetV1Quantize for the LibTorch example run_deployed_model.
 
-    python examples/make_deployed_model.py MODEL.pt EXPECTED.pt
+    python examples/make_deployed_model.py MODEL.pt EXPECTED.pt [SCRIPTED.pt SCRIPTED_EXPECTED.pt]
 
 MODEL.pt: ``torch.jit.script(torch_ext.deploy.convert(model))`` of a W1A2
 LmnetV1Quantize (random weights, batch-norm statistics drawn so that every
 code occurs). EXPECTED.pt: a scripted module whose buffers ``images``,
 ``logits`` and ``conv3_codes`` are what Python computes; the C++ example
-checks that LibTorch computes the same.
+checks that LibTorch computes the same. SCRIPTED.pt: ``torch.jit.script`` of
+the same W1A2 model itself (not deployed: float arithmetic, registered
+operators only), with its expected logits in SCRIPTED_EXPECTED.pt.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _Expected(nn.Module):
 
 
 def main(argv) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 4):
         print(__doc__, file=sys.stderr)
         return 2
     torch.manual_seed(0)
@@ -51,6 +53,12 @@ def main(argv) -> int:
     torch.jit.script(deployed).save(argv[0])
     torch.jit.script(_Expected(images, logits, codes)).save(argv[1])
     print(f"saved {argv[0]} and {argv[1]} (torch_ext from {torch_ext.__file__})")
+    if len(argv) == 4:
+        with torch.no_grad():
+            float_logits = model(images)
+        torch.jit.script(model).save(argv[2])
+        torch.jit.script(_Expected(images, float_logits, codes)).save(argv[3])
+        print(f"saved {argv[2]} and {argv[3]}")
     return 0
 
 
