@@ -110,28 +110,20 @@ WEIGHT_QUANTIZERS: Mapping[str, Any] = {
 }
 
 
-def _check_image_input(x: torch.Tensor, multiple: int, name: str, why: str = "") -> None:
+def _check_image_input(x: torch.Tensor, multiple: int, name: str) -> None:
     """Refuse anything but ``[N, C, H, W]`` with H and W divisible by ``multiple``, naming the shape.
 
-    A leaf call under FX tracing (``torch.fx.wrap`` below): the traced graph
+    Written in what TorchScript compiles, so a scripted model checks too; a
+    leaf call under FX tracing (``torch.fx.wrap`` below), so the traced graph
     keeps the check, which then runs on real tensors.
     """
-    if x.dim() != 4 or x.shape[2] % multiple or x.shape[3] % multiple:
-        because = f" ({why})" if why else ""
-        raise ValueError(
-            f"{name}: expected input [N, C, H, W] with H and W divisible by {multiple}{because}, "
-            f"got shape {tuple(x.shape)}"
-        )
+    if x.dim() != 4 or x.shape[2] % multiple != 0 or x.shape[3] % multiple != 0:
+        shape = "(" + ", ".join([str(d) for d in x.shape]) + ("," if x.dim() == 1 else "") + ")"
+        raise ValueError(name + ": expected input [N, C, H, W] with H and W divisible by " + str(multiple)
+                         + ", got shape " + shape)
 
 
 torch.fx.wrap("_check_image_input")
-
-
-def _check_image_input_scripted(x: torch.Tensor, multiple: int, name: str) -> None:
-    """:func:`_check_image_input` in what TorchScript compiles (a scripted model checks its input too)."""
-    if x.dim() != 4 or x.shape[2] % multiple != 0 or x.shape[3] % multiple != 0:
-        raise ValueError(name + ": expected input [N, C, H, W] with H and W divisible by " + str(multiple)
-                         + ", got shape " + str(x.shape))
 
 
 class SpaceToDepth(nn.Module):
@@ -157,10 +149,7 @@ class SpaceToDepth(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the rearrangement to a 4-D tensor."""
         b = self.block_size
-        if torch.jit.is_scripting():
-            _check_image_input_scripted(x, b, "SpaceToDepth")
-        else:
-            _check_image_input(x, b, "SpaceToDepth", f"block_size={b}")
+        _check_image_input(x, b, "SpaceToDepth (block_size=" + str(b) + ")")
         n, c, h, w = x.shape
         x = x.reshape(n, c, h // b, b, w // b, b)
         # -> [n, dy, dx, c, h/b, w/b]: the TF order puts the block offset outermost.
@@ -467,10 +456,9 @@ class LmnetV1(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        if torch.jit.is_scripting():
-            _check_image_input_scripted(x, 8, "the model")
-        else:
-            _check_image_input(x, 8, type(self).__name__)
+        # TorchScript has no type(self).__name__ (and compiles only the branch it takes).
+        name = "the model" if torch.jit.is_scripting() else type(self).__name__
+        _check_image_input(x, 8, name)
         x = self.conv1(x)
         x = self.pool2(self.conv2(x))
         x = self.conv3(x)
@@ -771,10 +759,9 @@ class LmResnet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, num_classes]`` for images ``[N, in_channels, H, W]`` (H, W divisible by 8)."""
-        if torch.jit.is_scripting():
-            _check_image_input_scripted(x, 8, "the model")
-        else:
-            _check_image_input(x, 8, type(self).__name__)
+        # TorchScript has no type(self).__name__ (and compiles only the branch it takes).
+        name = "the model" if torch.jit.is_scripting() else type(self).__name__
+        _check_image_input(x, 8, name)
         x = self.conv0(x)
         x = self.group3(self.group2(self.group1(self.group0(x))))
         x = self.relu(self.bn(x))

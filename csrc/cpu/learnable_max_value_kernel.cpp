@@ -11,6 +11,7 @@
 // (element i into lane i % 8) added in a fixed order, and the per-block sums
 // are then added one after another in block order on one thread.
 #include "torch_ext/formula.h"
+#include "torch_ext/mask_bits.h"
 #include "torch_ext/learnable.h"
 #include "torch_ext/torch_ext.h"
 
@@ -37,31 +38,9 @@ constexpr int64_t kBlock = 16 * kChunk;   // elements a partial sum
 constexpr int64_t kLanes = 8;
 constexpr int64_t kGrainBlocks = 8;       // 32768 elements a thread at least
 
-template <typename scalar_t>
-using bits_t = std::conditional_t<
-    sizeof(scalar_t) == 2, uint16_t,
-    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
-
-struct UnpackTable {
-  uint64_t flags[256];
-  constexpr UnpackTable() : flags() {
-    for (int v = 0; v < 256; ++v) {
-      uint64_t f = 0;
-      for (int i = 0; i < 8; ++i) {
-        f |= static_cast<uint64_t>((v >> i) & 1) << (8 * i);
-      }
-      flags[v] = f;
-    }
-  }
-};
-constexpr UnpackTable kUnpack;
-
-// 8 flag bytes (0 or 1), element 0 in the lowest -> one mask byte, element 0 in bit 0.
-inline uint8_t pack_flags(const uint8_t* flags) {
-  uint64_t f;
-  std::memcpy(&f, flags, 8);
-  return static_cast<uint8_t>((f * 0x0102040810204080ULL) >> 56);
-}
+using mask_bits::bits_t;
+using mask_bits::kUnpack;
+using mask_bits::pack_flags;
 
 template <typename T>
 struct Consts {

@@ -7,6 +7,7 @@
 // docs/quantizer.md stays one correctly rounded operation in both copies (no FMA, no
 // reciprocal), so they give bit-identical results, whatever the thread count.
 #include "torch_ext/formula.h"
+#include "torch_ext/mask_bits.h"
 #include "torch_ext/layouts.h"
 #include "torch_ext/torch_ext.h"
 
@@ -30,35 +31,9 @@ constexpr int64_t kBlock = 256;
 // At least this many elements a thread (ATen's own grain size).
 constexpr int64_t kGrainElements = 32768;
 
-// An unsigned integer of the same width as scalar_t: the backward selects raw
-// bits, so -0.0, NaN payloads and infinities of grad_y pass unchanged.
-template <typename scalar_t>
-using bits_t = std::conditional_t<
-    sizeof(scalar_t) == 2, uint16_t,
-    std::conditional_t<sizeof(scalar_t) == 4, uint32_t, uint64_t>>;
-
-// Byte v of a mask -> 8 flag bytes (0 or 1), element 0 in the lowest byte.
-struct UnpackTable {
-  uint64_t flags[256];
-  constexpr UnpackTable() : flags() {
-    for (int v = 0; v < 256; ++v) {
-      uint64_t f = 0;
-      for (int i = 0; i < 8; ++i) {
-        f |= static_cast<uint64_t>((v >> i) & 1) << (8 * i);
-      }
-      flags[v] = f;
-    }
-  }
-};
-constexpr UnpackTable kUnpack;
-
-// 8 flag bytes (0 or 1) -> one mask byte: the multiply moves the low bit of
-// byte i to bit 56 + i, with no carries between them.
-inline uint8_t pack_flags(const uint8_t* flags) {
-  uint64_t f;
-  std::memcpy(&f, flags, 8);
-  return static_cast<uint8_t>((f * 0x0102040810204080ULL) >> 56);
-}
+using mask_bits::bits_t;
+using mask_bits::kUnpack;
+using mask_bits::pack_flags;
 
 template <typename To, typename From>
 C10_ALWAYS_INLINE To bit_cast(const From& from) {
