@@ -1,14 +1,18 @@
 // CPU kernels of the linear mid-tread half quantizer.
 //
 // The loops are plain C++ over one contiguous span, compiled twice: for the
-// baseline x86-64 ISA and for AVX2, picked once a call at run time. The
+// baseline x86-64 ISA and for AVX2, picked once a call at run time (only the
+// packing of the mask is written with AVX2 intrinsics: movemask). The
 // baseline ISA has no vector floor (it needs SSE4.1's roundps), so without
-// the AVX2 copy the forward would run one element at a time. Each step of
-// docs/quantizer.md stays one correctly rounded operation in both copies (no FMA, no
-// reciprocal), so they give bit-identical results, whatever the thread count.
+// the AVX2 copy the formula would run one element at a time. Each step of
+// docs/quantizer.md stays one correctly rounded operation in both copies (no
+// FMA, no reciprocal), so they give bit-identical results, whatever the
+// thread count. For 1 to 3 bits (4 for float16/bfloat16) the forward does
+// not divide at all: it compares with the thresholds of steps.h.
 #include "torch_ext/formula.h"
 #include "torch_ext/mask_bits.h"
 #include "torch_ext/layouts.h"
+#include "torch_ext/steps.h"
 #include "torch_ext/torch_ext.h"
 
 #include <ATen/Dispatch.h>
@@ -17,6 +21,10 @@
 
 #include <cstring>
 #include <type_traits>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 
 namespace torch_ext {
 namespace cpu {
@@ -33,7 +41,6 @@ constexpr int64_t kGrainElements = 32768;
 
 using mask_bits::bits_t;
 using mask_bits::kUnpack;
-using mask_bits::pack_flags;
 
 template <typename To, typename From>
 C10_ALWAYS_INLINE To bit_cast(const From& from) {
@@ -113,51 +120,131 @@ struct Storage<c10::Half> {
   }
 };
 
+// What a forward loop computes, on the bits of each x: whether the gradient
+// passes, and the bits of the result. Either through the compute type (the
+// clip of bit == 32, or the formula) or, for 1 to 3 bits (4 for float16 and
+// bfloat16), by the steps of steps.h, which give the same bits with no
+// division and no conversion.
+template <typename scalar_t, typename Compute>
+struct ThroughComputeType {
+  using B = bits_t<scalar_t>;
+  using S = Storage<scalar_t>;
+  compute_t<scalar_t> m;
+  Compute compute;
+  C10_ALWAYS_INLINE bool passes(B x) const {
+    return formula::passes_gradient(S::load(x), m);
+  }
+  C10_ALWAYS_INLINE B operator()(B x) const {
+    return S::store(compute(S::load(x)));
+  }
+};
+
+template <typename T>
+struct ClipOnly {
+  T m;
+  C10_ALWAYS_INLINE T operator()(T x) const {
+    return formula::clip(x, m);
+  }
+};
+
+template <typename T>
+struct Formula {
+  T m;
+  T n;
+  C10_ALWAYS_INLINE T operator()(T x) const {
+    return formula::quantize_levels(x, m, n);
+  }
+};
+
+// Lane flags (all ones or zero, as wide as the elements: what a vector
+// compare gives, so the flag loop needs no narrowing) -> `bytes` mask bytes;
+// flags is 64-byte aligned and holds 8 * bytes flags.
+struct PackLanes {
+  template <typename B>
+  static C10_ALWAYS_INLINE void run(const B* flags, uint8_t* mask, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; ++b) {
+      unsigned v = 0;
+      for (int i = 0; i < 8; ++i) {
+        v |= static_cast<unsigned>(flags[8 * b + i] & 1u) << i;
+      }
+      mask[b] = static_cast<uint8_t>(v);
+    }
+  }
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define TORCH_EXT_HAVE_AVX2 1
+// AVX2: the top bit of each lane gathered by movemask (lane i to bit i:
+// element 0 of a mask byte in bit 0). Called once a block (not inlined: GCC
+// inlines no AVX2 function into the ISA-neutral loop template, even when that
+// is itself inlined into AVX2 code).
+struct PackLanesAvx2 {
+  __attribute__((target("avx2"))) static void run(const uint32_t* flags, uint8_t* mask, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; ++b) {
+      const __m256 v = _mm256_load_ps(reinterpret_cast<const float*>(flags + 8 * b));
+      mask[b] = static_cast<uint8_t>(_mm256_movemask_ps(v));
+    }
+  }
+  __attribute__((target("avx2"))) static void run(const uint64_t* flags, uint8_t* mask, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; ++b) {
+      const __m256d lo = _mm256_load_pd(reinterpret_cast<const double*>(flags + 8 * b));
+      const __m256d hi = _mm256_load_pd(reinterpret_cast<const double*>(flags + 8 * b + 4));
+      mask[b] = static_cast<uint8_t>(_mm256_movemask_pd(lo) | (_mm256_movemask_pd(hi) << 4));
+    }
+  }
+  __attribute__((target("avx2"))) static void run(const uint16_t* flags, uint8_t* mask, int64_t bytes) {
+    int64_t b = 0;
+    for (; b + 4 <= bytes; b += 4) {
+      // 32 lanes -> 32 bytes (signed saturation keeps 0 and -1), in the lane
+      // order that the 64-bit permute restores, -> 32 bits.
+      const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(flags + 8 * b));
+      const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(flags + 8 * b + 16));
+      const __m256i bytes8 = _mm256_permute4x64_epi64(_mm256_packs_epi16(lo, hi), 0xD8);
+      const uint32_t bits = static_cast<uint32_t>(_mm256_movemask_epi8(bytes8));
+      std::memcpy(mask + b, &bits, 4);
+    }
+    PackLanes::run(flags + 8 * b, mask + b, bytes - b);
+  }
+};
+#endif
+
 // The loops, written so that they vectorize (no calls, selects instead of
 // branches, the mask packed from and unpacked to a byte array). They are
 // always inlined into the per-ISA entry points below, so each ISA gets its
 // own vectorization of the same source.
-template <typename scalar_t, bool kWriteMask>
+template <typename Pack, typename scalar_t, bool kWriteMask, typename Quantize>
 C10_ALWAYS_INLINE void forward_block_impl(
-    const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
-  using T = compute_t<scalar_t>;
+    const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, const Quantize& quantize) {
   using B = bits_t<scalar_t>;
-  using S = Storage<scalar_t>;
-  const T m = p.max_value;
+  const Quantize q = quantize;
   // x and y are read and written through their bits with memcpy (the
   // defined way to pun, which compilers vectorize like plain loads/stores).
   const auto load = [x](int64_t j) {
     B b;
     std::memcpy(&b, x + j, sizeof(B));
-    return S::load(b);
+    return b;
   };
   if (kWriteMask) {
-    // The mask first: in place, y overwrites x.
-    alignas(64) uint8_t flags[kBlock];
+    // One pass: each x is read before its y is written (in place, y is x).
+    alignas(64) B flags[kBlock];
     for (int64_t j = 0; j < count; ++j) {
-      flags[j] = formula::passes_gradient(load(j), m);
+      const B b = load(j);
+      flags[j] = B(0) - static_cast<B>(q.passes(b));
+      const B bits = q(b);
+      std::memcpy(y + j, &bits, sizeof(B));
     }
     const int64_t bytes = mask_numel(count);
     for (int64_t j = count; j < 8 * bytes; ++j) {
       flags[j] = 0;
     }
-    for (int64_t b = 0; b < bytes; ++b) {
-      mask[b] = pack_flags(flags + 8 * b);
-    }
+    Pack::run(flags, mask, bytes);
+    return;
   }
   // Any NaN result goes out as the one NaN pattern of formula.h that the
-  // CUDA kernels write too (Storage::store).
-  if (p.clip_only) {
-    for (int64_t j = 0; j < count; ++j) {
-      const B bits = S::store(formula::clip(load(j), m));
-      std::memcpy(y + j, &bits, sizeof(B));
-    }
-  } else {
-    const T n = p.levels;
-    for (int64_t j = 0; j < count; ++j) {
-      const B bits = S::store(formula::quantize_levels(load(j), m, n));
-      std::memcpy(y + j, &bits, sizeof(B));
-    }
+  // CUDA kernels write too.
+  for (int64_t j = 0; j < count; ++j) {
+    const B bits = q(load(j));
+    std::memcpy(y + j, &bits, sizeof(B));
   }
 }
 
@@ -184,9 +271,9 @@ C10_ALWAYS_INLINE void backward_block_impl(
 // forbid contraction anyway; -fno-trapping-math (setup.py, CMakeLists.txt)
 // lets GCC vectorize floor and the selects without changing any result.
 struct Baseline {
-  template <typename scalar_t, bool kWriteMask>
-  static void forward(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
-    forward_block_impl<scalar_t, kWriteMask>(x, y, mask, count, p);
+  template <typename scalar_t, bool kWriteMask, typename Quantize>
+  static void forward(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, const Quantize& q) {
+    forward_block_impl<PackLanes, scalar_t, kWriteMask>(x, y, mask, count, q);
   }
   template <typename scalar_t>
   static void backward(const scalar_t* g, scalar_t* out, const uint8_t* mask, int64_t count) {
@@ -194,13 +281,12 @@ struct Baseline {
   }
 };
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#define TORCH_EXT_HAVE_AVX2 1
+#ifdef TORCH_EXT_HAVE_AVX2
 struct Avx2 {
-  template <typename scalar_t, bool kWriteMask>
+  template <typename scalar_t, bool kWriteMask, typename Quantize>
   __attribute__((target("avx2"))) static void forward(
-      const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, Params<compute_t<scalar_t>> p) {
-    forward_block_impl<scalar_t, kWriteMask>(x, y, mask, count, p);
+      const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, const Quantize& q) {
+    forward_block_impl<PackLanesAvx2, scalar_t, kWriteMask>(x, y, mask, count, q);
   }
   template <typename scalar_t>
   __attribute__((target("avx2"))) static void backward(
@@ -215,15 +301,15 @@ bool cpu_has_avx2() {
 }
 #endif
 
-template <typename Isa, typename scalar_t, bool kWriteMask>
-void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
+template <typename Isa, typename scalar_t, bool kWriteMask, typename Quantize>
+void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainElements / kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t count = std::min(kBlock, numel - offset);
       Isa::template forward<scalar_t, kWriteMask>(
-          x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, p);
+          x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, q);
     }
   });
 }
@@ -240,15 +326,42 @@ void backward_span_isa(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* 
   });
 }
 
-template <typename scalar_t, bool kWriteMask>
-void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
+template <typename scalar_t, bool kWriteMask, typename Quantize>
+void forward_span_with(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
 #ifdef TORCH_EXT_HAVE_AVX2
   if (cpu_has_avx2()) {
-    forward_span_isa<Avx2, scalar_t, kWriteMask>(x, y, mask, numel, p);
+    forward_span_isa<Avx2, scalar_t, kWriteMask>(x, y, mask, numel, q);
     return;
   }
 #endif
-  forward_span_isa<Baseline, scalar_t, kWriteMask>(x, y, mask, numel, p);
+  forward_span_isa<Baseline, scalar_t, kWriteMask>(x, y, mask, numel, q);
+}
+
+// The forward over a span, with the cheapest exact form of the formula for
+// this bit width.
+template <typename scalar_t, bool kWriteMask>
+void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, Params<compute_t<scalar_t>> p) {
+  using T = compute_t<scalar_t>;
+  using S = Storage<scalar_t>;
+  const T m = p.max_value;
+  const auto run = [&](const auto& q) { forward_span_with<scalar_t, kWriteMask>(x, y, mask, numel, q); };
+  if (p.clip_only && sizeof(scalar_t) == 2) {
+    run(steps::make_clip<scalar_t, S>(m));
+  } else if (p.clip_only) {
+    run(ThroughComputeType<scalar_t, ClipOnly<T>>{m, {m}});
+  } else if (p.levels == T(1)) {
+    run(steps::make_steps<scalar_t, 1, S>(m));
+  } else if (p.levels == T(3)) {
+    run(steps::make_steps<scalar_t, 3, S>(m));
+  } else if (p.levels == T(7)) {
+    run(steps::make_steps<scalar_t, 7, S>(m));
+  } else if (p.levels == T(15) && sizeof(scalar_t) == 2) {
+    // 15 compare-selects beat the divisions only on 16-bit lanes (measured:
+    // 2x slower than the formula for float32 and float64).
+    run(steps::make_steps<scalar_t, 15, S>(m));
+  } else {
+    run(ThroughComputeType<scalar_t, Formula<T>>{m, {m, p.levels}});
+  }
 }
 
 template <typename scalar_t>

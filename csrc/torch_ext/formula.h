@@ -112,13 +112,16 @@ C10_HOST_DEVICE inline T clip(T x, T m) {
   return x < T(0) ? T(0) : (x > m ? m : x);
 }
 
-// y = (floor((c / m) * n + 0.5) / n) * m, each step rounded to T (bit < 32).
+// level(c) = floor((c / m) * n + 0.5) and
+// y = (level(clip(x, m)) / n) * m, each step rounded to T (bit < 32).
 // Branch-free, so that a loop over it vectorizes.
 template <typename T>
+C10_HOST_DEVICE inline T level(T c, T m, T n) {
+  return floor_(add_rn(mul_rn(div_rn(c, m), n), T(0.5)));
+}
+template <typename T>
 C10_HOST_DEVICE inline T quantize_levels(T x, T m, T n) {
-  const T c = clip(x, m);
-  const T level = floor_(add_rn(mul_rn(div_rn(c, m), n), T(0.5)));
-  return mul_rn(div_rn(level, n), m);
+  return mul_rn(div_rn(level(clip(x, m), m, n), n), m);
 }
 
 // The whole forward of docs/quantizer.md, bit == 32 included.
