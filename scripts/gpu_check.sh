@@ -17,11 +17,12 @@
 # should take on one H200 with 16 cores.
 #   step preflight   20 s  expect   8 s: torch sees a GPU, CUDA toolkit found, nvidia-smi
 #   step build      140 s  expect  70 s: setup.py build_ext --inplace for this GPU's arch only
-#   step pytest     130 s  expect  70 s: tests/test_cuda.py alone; JUnit checked: no skip but "needs two GPUs"
+#   step pytest     120 s  expect  70 s: tests/test_cuda.py alone; JUnit checked: no skip but "needs two GPUs"
 #   step memcheck    60 s  expect  30 s: compute-sanitizer memcheck, pytest -m sanitize tests/test_cuda.py
 #   step racecheck   40 s  expect  20 s: compute-sanitizer racecheck, the same selection
-#   step bench       50 s  expect  30 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
-#                                        and channels_last, no torch.compile; AMP channels_last train step)
+#   step bench       60 s  expect  35 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
+#                                        and channels_last, no torch.compile; AMP channels_last train steps
+#                                        of LmnetV1Quantize and of LmResnet with QuantActivation vs float twins)
 #   step train       30 s  expect  15 s: python -m torch_ext.train --device cuda --amp bf16 --epochs 1
 #   step catch2     240 s  expect 150 s: (not a default step) Catch2 CUDA tests, plain and under memcheck,
 #                                        only where Catch2 is installed
@@ -143,6 +144,7 @@ step_bench() {
   check_built || return 1
   "$PY" -m torch_ext.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --layouts contiguous,channels_last \
     --no-compile --repeats 10 --warmup 3 --train-repeats 5 --train-amp bfloat16 --train-channels-last \
+    --train-models lmnet_v1,lm_resnet \
     --json "$OUT/bench.json" || return 1
   # The benchmark skips CUDA quietly where it sees none: demand CUDA figures.
   "$PY" - "$OUT/bench.json" <<'EOF'
@@ -151,9 +153,10 @@ doc = json.load(open(sys.argv[1]))
 ok = [r for r in doc["results"] if r["device"] == "cuda" and r["status"] == "ok"]
 ours = [r for r in ok if r["candidate"] == "torch_ext"]
 train = [t for t in doc["train_step"] if t["device"] == "cuda"]
-print(f"bench.json: {len(ok)} CUDA figures ({len(ours)} of torch_ext), {len(train)} CUDA training step(s), "
-      f"copy {doc['copy_bandwidth_gbps'].get('cuda', 0):.0f} GB/s")
-sys.exit(0 if ours and train else 1)
+ratios = ", ".join(f"{t['quantized']}/{t['float']} {t['ratio_quantized_over_float']:.2f}x" for t in train)
+print(f"bench.json: {len(ok)} CUDA figures ({len(ours)} of torch_ext), {len(train)} CUDA training step(s) "
+      f"({ratios}), copy {doc['copy_bandwidth_gbps'].get('cuda', 0):.0f} GB/s")
+sys.exit(0 if ours and {t["model"] for t in train} == {"lmnet_v1", "lm_resnet"} else 1)
 EOF
 }
 

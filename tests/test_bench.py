@@ -100,7 +100,43 @@ def test_channels_last_rows_and_the_amp_channels_last_training_step(tmp_path):
     assert "targets" in doc  # the final document, not a partial one
 
 
+@pytest.mark.timeout(300)
+def test_resnet_like_training_step(tmp_path):
+    """--train-models: LmResnet with QuantActivation (float weights) against LmResnet, as gpu_check.sh runs it."""
+    path = tmp_path / "resnet.json"
+    assert bench.main(["--quick", "--devices", "cpu", "--only-train-step", "--train-models", "lmnet_v1,lm_resnet",
+                       "--train-channels-last", "--train-amp", "bfloat16", "--json", str(path)]) == 0
+    with open(path) as f:
+        doc = json.load(f)
+    steps = {t["model"]: t for t in doc["train_step"]}
+    assert set(steps) == set(bench.TRAIN_MODELS)
+    resnet = steps["lm_resnet"]
+    assert (resnet["quantized"], resnet["float"]) == ("LmResnet+QuantActivation", "LmResnet")
+    assert set(resnet["median_s"]) == {"LmResnet+QuantActivation", "LmResnet"}
+    assert resnet["channels_last"] is True and resnet["ratio_quantized_over_float"] > 0
+    assert set(steps["lmnet_v1"]["median_s"]) == {"LmnetV1Quantize", "LmnetV1"}
+
+
+def test_the_resnet_pair_differs_only_in_its_activations():
+    from torch_ext import QuantActivation
+
+    (_, quantized), (_, float_twin) = bench._train_pair("lm_resnet")
+    q, f = quantized(), float_twin()
+    assert [n for n, _ in q.named_parameters()] == [n for n, _ in f.named_parameters()]
+    assert any(isinstance(m, QuantActivation) for m in q.modules())
+    assert not any(isinstance(m, QuantActivation) for m in f.modules())
+    # Float weights: the same parameters give the same convolutions.
+    q.load_state_dict(f.state_dict())
+    convs_q = [m for m in q.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(1, 64, 8, 8)
+    for cq, cf in zip(convs_q, [m for m in f.modules() if isinstance(m, torch.nn.Conv2d)]):
+        if cq.in_channels == 64:
+            assert torch.equal(cq(x), cf(x))
+
+
 def test_bad_options_are_refused():
+    with pytest.raises(SystemExit, match="--train-models: unknown value 'resnet18'"):
+        bench.main(["--train-models", "resnet18"])
     with pytest.raises(SystemExit, match="--layouts: unknown value 'nhwc'"):
         bench.main(["--layouts", "nhwc"])
     with pytest.raises(SystemExit, match="channels_last cases need multiples of 65536"):

@@ -10,7 +10,8 @@ Run ``python -m torch_ext.bench`` (``make bench``). Two parts:
   under ``torch.compile``; float32 and bfloat16, a small and a large size, on
   the CPU and, where one is visible, on CUDA.
 * **Training-step benchmark.** One SGD step of ``LmnetV1Quantize`` against
-  its float/ReLU twin ``LmnetV1`` at 32x32.
+  its float/ReLU twin ``LmnetV1`` at 32x32 (``--train-models lm_resnet``:
+  also Blueoil's ResNet-18 with QuantActivation against the same with ReLU).
 
 How it measures:
 
@@ -73,7 +74,7 @@ from torch_ext.reference import (
     linear_mid_tread_half_quantize_reference,
 )
 
-__all__ = ["CANDIDATES", "OPS", "interleaved_medians", "main"]
+__all__ = ["CANDIDATES", "OPS", "TRAIN_MODELS", "interleaved_medians", "main"]
 
 BIT = 2
 MAX_VALUE = 2.0
@@ -484,29 +485,50 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images: torc
     opt.step()
 
 
-def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int, *,
-                      amp: Optional[str] = None, channels_last: bool = False) -> Dict[str, object]:
-    from torch_ext.models import LmnetV1, LmnetV1Quantize  # another module; imported when needed
+#: The training-step pairs: a network with QuantActivation and its float
+#: twin with ReLU. ``lmnet_v1``: Blueoil's W1A2 LmnetV1Quantize (binary
+#: weights too) against LmnetV1. ``lm_resnet``: Blueoil's ResNet-18 for small
+#: images with QuantActivation in every basic block and float weights, against
+#: the same network with ReLU: what the activations alone cost.
+TRAIN_MODELS = ("lmnet_v1", "lm_resnet")
 
+
+def _train_pair(name: str) -> Tuple[Tuple[str, Callable[[], torch.nn.Module]], Tuple[str, Callable[[], torch.nn.Module]]]:
+    from torch_ext.models import LmnetV1, LmnetV1Quantize, LmResnet, LmResnetQuantize  # imported when needed
+
+    if name == "lmnet_v1":
+        return ("LmnetV1Quantize", functools.partial(LmnetV1Quantize, num_classes=10)), \
+            ("LmnetV1", functools.partial(LmnetV1, num_classes=10))
+    return ("LmResnet+QuantActivation", functools.partial(LmResnetQuantize, num_classes=10, weight_quantizer=None)), \
+        ("LmResnet", functools.partial(LmResnet, num_classes=10))
+
+
+def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int, *,
+                      amp: Optional[str] = None, channels_last: bool = False,
+                      model: str = "lmnet_v1") -> Dict[str, object]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
     steps: Dict[str, Callable[[], object]] = {}
-    for name, cls in (("LmnetV1Quantize", LmnetV1Quantize), ("LmnetV1", LmnetV1)):
+    (quantized, _), (float_name, _) = pair = _train_pair(model)
+    for name, build in pair:
         torch.manual_seed(0)
-        model = cls(num_classes=10).to(device, memory_format=memory_format).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        net = build().to(device, memory_format=memory_format).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
-        steps[name] = functools.partial(_train_step, model, opt, images, labels, _DTYPES.get(amp))
+        steps[name] = functools.partial(_train_step, net, opt, images, labels, _DTYPES.get(amp))
     _log(f"{device.type} training step, batch {batch}, amp {amp}, channels_last {channels_last}: "
-         f"LmnetV1Quantize vs LmnetV1 ({repeats} rounds)")
+         f"{quantized} vs {float_name} ({repeats} rounds)")
     timed = interleaved_medians(steps, device, repeats, warmup)
     samples = {n: s for n, (_, s) in timed.items()}
     med = {n: statistics.median(s) for n, s in samples.items()}
     return {
         "device": device.type,
+        "model": model,
+        "quantized": quantized,
+        "float": float_name,
         "batch": batch,
         "image_size": [32, 32],
         "amp": amp,
@@ -514,7 +536,7 @@ def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: in
         "optimizer": "SGD(lr=0.01, momentum=0.9)",
         "median_s": med,
         "samples_s": samples,
-        "ratio_quantized_over_float": med["LmnetV1Quantize"] / med["LmnetV1"],
+        "ratio_quantized_over_float": med[quantized] / med[float_name],
     }
 
 
@@ -624,9 +646,10 @@ def _print_train(train: Sequence[Dict[str, object]], out=sys.stdout) -> None:
     for t in train:
         med = t["median_s"]
         setting = (f", autocast {t['amp']}" if t.get("amp") else "") + (", channels_last" if t.get("channels_last") else "")
+        q, f = t["quantized"], t["float"]
         print(f"\nTraining step on {t['device']} (batch {t['batch']}, 32x32, SGD{setting}; median of "
-              f"{len(t['samples_s']['LmnetV1'])} interleaved rounds): LmnetV1Quantize "
-              f"{_fmt_time(med['LmnetV1Quantize'])}, LmnetV1 {_fmt_time(med['LmnetV1'])}, "
+              f"{len(t['samples_s'][f])} interleaved rounds): {q} "
+              f"{_fmt_time(med[q])}, {f} {_fmt_time(med[f])}, "
               f"ratio {t['ratio_quantized_over_float']:.2f}x", file=out)
 
 
@@ -673,6 +696,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="autocast the training step to bfloat16 or float16 (default: no autocast)")
     p.add_argument("--train-channels-last", action="store_true",
                    help="the training step's images and models in channels_last memory format")
+    p.add_argument("--train-models", type=_csv, default=["lmnet_v1"],
+                   help="the training-step pairs, of " + ", ".join(TRAIN_MODELS) + " (default lmnet_v1): "
+                        "LmnetV1Quantize vs LmnetV1; LmResnet with QuantActivation (float weights) vs LmResnet")
     p.add_argument("--layouts", type=_csv, default=["contiguous"],
                    help="memory layouts of the operator cases: contiguous (a vector) and/or channels_last "
                         "(images [N, 64, 32, 32]; sizes must be multiples of 64K)")
@@ -719,7 +745,8 @@ class _Report:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for option, values, known in (("--dtypes", args.dtypes, _DTYPES), ("--layouts", args.layouts, _LAYOUTS)):
+    for option, values, known in (("--dtypes", args.dtypes, _DTYPES), ("--layouts", args.layouts, _LAYOUTS),
+                                  ("--train-models", args.train_models, TRAIN_MODELS)):
         for v in values:
             if v not in known:
                 raise SystemExit(f"{option}: unknown value {v!r} ({', '.join(known)})")
@@ -771,8 +798,10 @@ def _bench_device(args: argparse.Namespace, dev_name: str, copy_gbps: Dict[str, 
                         report.save(results)
     train = []
     if args.train_step is not False:
-        train.append(_bench_train_step(device, d["train_batch"], d["train_repeats"], d["train_warmup"],
-                                       amp=args.train_amp, channels_last=args.train_channels_last))
+        for model in args.train_models:
+            train.append(_bench_train_step(device, d["train_batch"], d["train_repeats"], d["train_warmup"],
+                                           amp=args.train_amp, channels_last=args.train_channels_last,
+                                           model=model))
     return results, train
 
 
