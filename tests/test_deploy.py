@@ -40,9 +40,9 @@ ISAS = ("baseline", "avx2", "default")
 def isa(request, monkeypatch):
     """Run the packed kernels capped at each ISA (the default is the best the CPU has)."""
     if request.param == "default":
-        monkeypatch.delenv("TORCH_EXT_PACKED_ISA", raising=False)
+        monkeypatch.delenv("TORCH_EXT_CPU_ISA", raising=False)
     else:
-        monkeypatch.setenv("TORCH_EXT_PACKED_ISA", request.param)
+        monkeypatch.setenv("TORCH_EXT_CPU_ISA", request.param)
     return request.param
 
 
@@ -91,15 +91,15 @@ def test_packed_conv_property(n, c, h, w, o, kh, kw, sh, sw, ph, pw, bit, isa_na
     gen = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bit, (n, c, h, w), dtype=torch.uint8, generator=gen)
     weight = torch.randn(o, c, kh, kw, generator=gen)
-    old = os.environ.pop("TORCH_EXT_PACKED_ISA", None)
+    old = os.environ.pop("TORCH_EXT_CPU_ISA", None)
     try:
         if isa_name != "default":
-            os.environ["TORCH_EXT_PACKED_ISA"] = isa_name
+            os.environ["TORCH_EXT_CPU_ISA"] = isa_name
         acc = ops.packed_conv2d(ops.pack_codes(codes, bit), ops.pack_binary_weights(weight), c, [sh, sw], [ph, pw])
     finally:
-        os.environ.pop("TORCH_EXT_PACKED_ISA", None)
+        os.environ.pop("TORCH_EXT_CPU_ISA", None)
         if old is not None:
-            os.environ["TORCH_EXT_PACKED_ISA"] = old
+            os.environ["TORCH_EXT_CPU_ISA"] = old
     assert torch.equal(acc.to(torch.int64), reference_acc(codes, weight, (sh, sw), (ph, pw)))
 
 

@@ -10,7 +10,9 @@ every value within a few thousand ulps of each rounding tie k*m/(2n), of 0
 and of m, for max_values that are and are not representable, tiny and huge;
 through every entry point (no grad, training forward with its mask, in
 place). The wider formula paths (4 bits and more for float32/float64) run
-the same checks.
+the same checks. Every test runs each compiled copy of the loops (baseline
+x86-64, AVX2, AVX-512; TORCH_EXT_CPU_ISA caps the one used), so a machine
+with AVX-512 tests all three.
 """
 
 from __future__ import annotations
@@ -20,11 +22,23 @@ import math
 import pytest
 import torch
 
-from torch_ext.reference import linear_mid_tread_half_quantize_reference as reference
+from torch_ext.reference import (
+    linear_mid_tread_half_quantize_backward_reference as reference_backward,
+    linear_mid_tread_half_quantize_reference as reference,
+)
 
 from conftest import assert_bit_exact, dtype_id, expected_mask, unpack_mask
 
 ops = torch.ops.torch_ext
+
+CPU_ISAS = ("baseline", "avx2", "avx512")
+
+
+@pytest.fixture(params=CPU_ISAS, autouse=True)
+def cpu_isa(request, monkeypatch):
+    """Each test once per copy of the CPU loops (a CPU without an ISA runs the next narrower one)."""
+    monkeypatch.setenv("TORCH_EXT_CPU_ISA", request.param)
+    return request.param
 
 NAN_BITS = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0, torch.float32: 0x7FC00000,
             torch.float64: 0x7FF8000000000000}
@@ -100,3 +114,17 @@ def test_many_threads_and_tails():
         x = ((torch.rand(1_000_003, generator=g, dtype=torch.float64) * 3.0 - 0.5) * 2.0).to(dtype)
         for bit in (1, 2, 3, 4, 32):
             _all_entry_points(x, bit, 2.0, f"{dtype} bit={bit}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=dtype_id)
+def test_backward_of_every_copy(dtype):
+    """The backward masks grad_y by the forward's mask, bit for bit (inf, NaN and -0.0 in grad_y)."""
+    g = torch.Generator().manual_seed(1)
+    x = ((torch.rand(70_001, generator=g, dtype=torch.float64) * 3.0 - 0.5) * 2.0).to(dtype)
+    grad_y = torch.randn(70_001, generator=g, dtype=torch.float64).to(dtype)
+    grad_y[::97] = math.inf
+    grad_y[1::89] = math.nan
+    grad_y[2::83] = -0.0
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x, 2, 2.0)
+    grad_x = ops.linear_mid_tread_half_quantize_backward(grad_y, mask)
+    assert_bit_exact(grad_x, reference_backward(grad_y, x, 2.0))

@@ -10,6 +10,7 @@
 // element count alone; each block's sum is taken in double, in 8 lanes
 // (element i into lane i % 8) added in a fixed order, and the per-block sums
 // are then added one after another in block order on one thread.
+#include "torch_ext/cpu_isa.h"
 #include "torch_ext/formula.h"
 #include "torch_ext/mask_bits.h"
 #include "torch_ext/learnable.h"
@@ -245,7 +246,7 @@ bool has_avx2() {
 template <typename F>
 void with_isa(F&& f) {
 #ifdef TORCH_EXT_LEARNABLE_HAVE_AVX2
-  if (has_avx2()) {
+  if (cpu_isa_cap() >= kIsaAvx2 && has_avx2()) {  // TORCH_EXT_CPU_ISA caps it (cpu_isa.h)
     f(Avx2{});
     return;
   }

@@ -1,14 +1,16 @@
 // CPU kernels of the linear mid-tread half quantizer.
 //
-// The loops are plain C++ over one contiguous span, compiled twice: for the
-// baseline x86-64 ISA and for AVX2, picked once a call at run time (only the
-// packing of the mask is written with AVX2 intrinsics: movemask). The
+// The loops are plain C++ over one contiguous span, compiled three times:
+// for the baseline x86-64 ISA, for AVX2 and for AVX-512, picked at each call
+// (cpu_isa.h: the widest the CPU has, TORCH_EXT_CPU_ISA caps it); only the
+// packing of the mask is written with AVX2 intrinsics (movemask). The
 // baseline ISA has no vector floor (it needs SSE4.1's roundps), so without
-// the AVX2 copy the formula would run one element at a time. Each step of
-// docs/quantizer.md stays one correctly rounded operation in both copies (no
-// FMA, no reciprocal), so they give bit-identical results, whatever the
-// thread count. For 1 to 3 bits (4 for float16/bfloat16) the forward does
+// the wider copies the formula would run one element at a time. Each step of
+// docs/quantizer.md stays one correctly rounded operation in every copy (no
+// FMA, no reciprocal), so they give bit-identical results, whatever the ISA
+// and the thread count. For 1 to 3 bits (4 for float16/bfloat16) the forward does
 // not divide at all: it compares with the thresholds of steps.h.
+#include "torch_ext/cpu_isa.h"
 #include "torch_ext/formula.h"
 #include "torch_ext/mask_bits.h"
 #include "torch_ext/layouts.h"
@@ -299,6 +301,29 @@ bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
+
+// AVX-512 with 512-bit vectors (GCC prefers 256-bit ones by default): twice
+// the lanes for the compares and selects of the steps, and for the formula's
+// divisions. The mask is still packed by the AVX2 function.
+#define TORCH_EXT_AVX512_LOOPS \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,prefer-vector-width=512")))
+struct Avx512 {
+  template <typename scalar_t, bool kWriteMask, typename Quantize>
+  TORCH_EXT_AVX512_LOOPS static void forward(
+      const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t count, const Quantize& q) {
+    forward_block_impl<PackLanesAvx2, scalar_t, kWriteMask>(x, y, mask, count, q);
+  }
+  template <typename scalar_t>
+  TORCH_EXT_AVX512_LOOPS static void backward(const scalar_t* g, scalar_t* out, const uint8_t* mask, int64_t count) {
+    backward_block_impl<scalar_t>(g, out, mask, count);
+  }
+};
+
+bool cpu_has_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return has;
+}
 #endif
 
 template <typename Isa, typename scalar_t, bool kWriteMask, typename Quantize>
@@ -329,7 +354,12 @@ void backward_span_isa(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* 
 template <typename scalar_t, bool kWriteMask, typename Quantize>
 void forward_span_with(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
 #ifdef TORCH_EXT_HAVE_AVX2
-  if (cpu_has_avx2()) {
+  const int cap = cpu_isa_cap();
+  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
+    forward_span_isa<Avx512, scalar_t, kWriteMask>(x, y, mask, numel, q);
+    return;
+  }
+  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
     forward_span_isa<Avx2, scalar_t, kWriteMask>(x, y, mask, numel, q);
     return;
   }
@@ -367,7 +397,12 @@ void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, 
 template <typename scalar_t>
 void backward_span(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
 #ifdef TORCH_EXT_HAVE_AVX2
-  if (cpu_has_avx2()) {
+  const int cap = cpu_isa_cap();
+  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
+    backward_span_isa<Avx512, scalar_t>(grad_y, grad_x, mask, numel);
+    return;
+  }
+  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
     backward_span_isa<Avx2, scalar_t>(grad_y, grad_x, mask, numel);
     return;
   }

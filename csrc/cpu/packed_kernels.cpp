@@ -14,6 +14,7 @@
 // pixel. The loops are compiled twice, for the baseline x86-64 ISA (popcount
 // in software) and for AVX2 + POPCNT, picked once a call at run time like the
 // quantizer's kernels; the results are the same integers either way.
+#include "torch_ext/cpu_isa.h"
 #include "torch_ext/packed.h"
 
 #include <ATen/ATen.h>
@@ -380,21 +381,6 @@ bool cpu_has_avx2_popcnt() {
   return has;
 }
 
-// TORCH_EXT_PACKED_ISA=baseline|avx2 caps the kernels used (for tests and
-// comparisons); by default the best the CPU has. Read at each call.
-int isa_cap() {
-  const char* env = std::getenv("TORCH_EXT_PACKED_ISA");
-  if (env == nullptr) {
-    return 2;
-  }
-  if (std::strcmp(env, "baseline") == 0) {
-    return 0;
-  }
-  if (std::strcmp(env, "avx2") == 0) {
-    return 1;
-  }
-  return 2;
-}
 #endif
 
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
@@ -568,7 +554,7 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
 template <int BIT>
 void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Output& out) {
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const int cap = isa_cap();
+  const int cap = cpu_isa_cap();  // TORCH_EXT_CPU_ISA (cpu_isa.h)
   if (cap >= 2 && cpu_has_avx512_vpopcnt()) {
     const int64_t tiles = (g.pixels() + kLanes - 1) / kLanes;
     // At least ~1M word operations (tens of microseconds) a task: small layers
@@ -867,7 +853,7 @@ at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double m
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<word_t*>(out.data_ptr<int64_t>());
   const int64_t chunks_per_image = (HW + kQChunk - 1) / kQChunk;
-  const int cap = isa_cap();
+  const int cap = cpu_isa_cap();  // TORCH_EXT_CPU_ISA (cpu_isa.h)
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
   const int isa = cap >= 2 && cpu_has_avx512_vpopcnt() ? 2 : (cap >= 1 && cpu_has_avx2_popcnt() ? 1 : 0);
 #else

@@ -19,16 +19,16 @@ at::Tensor reference_acc(const at::Tensor& codes, const at::Tensor& weight, int6
   return torch::conv2d(codes.to(torch::kDouble), sign, {}, stride, padding).to(torch::kLong);
 }
 
-// Sets TORCH_EXT_PACKED_ISA for the lifetime of the object ("" = unset).
+// Sets TORCH_EXT_CPU_ISA for the lifetime of the object ("" = unset).
 struct IsaCap {
   explicit IsaCap(const std::string& isa) {
     if (isa.empty()) {
-      unsetenv("TORCH_EXT_PACKED_ISA");
+      unsetenv("TORCH_EXT_CPU_ISA");
     } else {
-      setenv("TORCH_EXT_PACKED_ISA", isa.c_str(), 1);
+      setenv("TORCH_EXT_CPU_ISA", isa.c_str(), 1);
     }
   }
-  ~IsaCap() { unsetenv("TORCH_EXT_PACKED_ISA"); }
+  ~IsaCap() { unsetenv("TORCH_EXT_CPU_ISA"); }
 };
 
 }  // namespace
