@@ -326,6 +326,23 @@ bool cpu_has_avx512() {
 }
 #endif
 
+// Prefetch the next page of the input, a block's worth of lines at a time.
+// Each output page a call writes for the first time is a page fault (glibc
+// maps every large output afresh), and the hardware prefetchers lose the
+// input stream at each one; without this the out-of-place loops ran 8-13%
+// behind torch.relu on fresh outputs (and equal to it on reused memory).
+constexpr int64_t kPrefetchAhead = 4096;
+
+template <typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_next_page(const scalar_t* block, const scalar_t* end) {
+  const char* ahead = reinterpret_cast<const char*>(block) + kPrefetchAhead;
+  const char* stop = std::min(ahead + kBlock * static_cast<int64_t>(sizeof(scalar_t)),
+                              reinterpret_cast<const char*>(end));
+  for (; ahead < stop; ahead += 64) {
+    __builtin_prefetch(ahead);
+  }
+}
+
 template <typename Isa, typename scalar_t, bool kWriteMask, typename Quantize>
 void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
@@ -333,6 +350,7 @@ void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t num
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t count = std::min(kBlock, numel - offset);
+      prefetch_next_page(x + offset, x + numel);
       Isa::template forward<scalar_t, kWriteMask>(
           x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, q);
     }
@@ -346,6 +364,7 @@ void backward_span_isa(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* 
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
       const int64_t count = std::min(kBlock, numel - offset);
+      prefetch_next_page(grad_y + offset, grad_y + numel);
       Isa::template backward<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
     }
   });
