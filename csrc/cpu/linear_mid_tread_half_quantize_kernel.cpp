@@ -211,7 +211,8 @@ struct PackLanesAvx2 {
 #endif
 
 // The loops, written so that they vectorize (no calls, selects instead of
-// branches, the mask packed from and unpacked to a byte array). They are
+// branches; the forward's mask goes through lane-wide flags packed by Pack,
+// the backward's is unpacked to a byte array). They are
 // always inlined into the per-ISA entry points below, so each ISA gets its
 // own vectorization of the same source.
 template <typename Pack, typename scalar_t, bool kWriteMask, typename Quantize>
