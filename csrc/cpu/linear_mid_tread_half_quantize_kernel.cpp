@@ -344,47 +344,47 @@ C10_ALWAYS_INLINE void prefetch_next_page(const scalar_t* block, const scalar_t*
   }
 }
 
-template <typename Isa, typename scalar_t, bool kWriteMask, typename Quantize>
-void forward_span_isa(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
+// f(offset, count) for each block of a span of numel elements, blocks spread
+// over ATen's threads, with the next page of `input` prefetched first.
+template <typename scalar_t, typename F>
+void for_each_block(const scalar_t* input, int64_t numel, F&& f) {
   const int64_t blocks = (numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainElements / kBlock, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t offset = block * kBlock;
-      const int64_t count = std::min(kBlock, numel - offset);
-      prefetch_next_page(x + offset, x + numel);
-      Isa::template forward<scalar_t, kWriteMask>(
-          x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, q);
+      prefetch_next_page(input + offset, input + numel);
+      f(offset, std::min(kBlock, numel - offset));
     }
   });
 }
 
-template <typename Isa, typename scalar_t>
-void backward_span_isa(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
-  const int64_t blocks = (numel + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, kGrainElements / kBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t offset = block * kBlock;
-      const int64_t count = std::min(kBlock, numel - offset);
-      prefetch_next_page(grad_y + offset, grad_y + numel);
-      Isa::template backward<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
-    }
-  });
+// f(Isa{}) with the widest copy of the loops that the CPU has and
+// TORCH_EXT_CPU_ISA allows.
+template <typename F>
+void with_isa(F&& f) {
+#ifdef TORCH_EXT_HAVE_AVX2
+  const int cap = cpu_isa_cap();
+  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
+    f(Avx512{});
+    return;
+  }
+  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
+    f(Avx2{});
+    return;
+  }
+#endif
+  f(Baseline{});
 }
 
 template <typename scalar_t, bool kWriteMask, typename Quantize>
 void forward_span_with(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, const Quantize& q) {
-#ifdef TORCH_EXT_HAVE_AVX2
-  const int cap = cpu_isa_cap();
-  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
-    forward_span_isa<Avx512, scalar_t, kWriteMask>(x, y, mask, numel, q);
-    return;
-  }
-  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
-    forward_span_isa<Avx2, scalar_t, kWriteMask>(x, y, mask, numel, q);
-    return;
-  }
-#endif
-  forward_span_isa<Baseline, scalar_t, kWriteMask>(x, y, mask, numel, q);
+  with_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for_each_block(x, numel, [&](int64_t offset, int64_t count) {
+      Isa::template forward<scalar_t, kWriteMask>(
+          x + offset, y + offset, kWriteMask ? mask + offset / 8 : nullptr, count, q);
+    });
+  });
 }
 
 // The forward over a span, with the cheapest exact form of the formula for
@@ -416,18 +416,12 @@ void forward_span(const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, 
 
 template <typename scalar_t>
 void backward_span(const scalar_t* grad_y, scalar_t* grad_x, const uint8_t* mask, int64_t numel) {
-#ifdef TORCH_EXT_HAVE_AVX2
-  const int cap = cpu_isa_cap();
-  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
-    backward_span_isa<Avx512, scalar_t>(grad_y, grad_x, mask, numel);
-    return;
-  }
-  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
-    backward_span_isa<Avx2, scalar_t>(grad_y, grad_x, mask, numel);
-    return;
-  }
-#endif
-  backward_span_isa<Baseline, scalar_t>(grad_y, grad_x, mask, numel);
+  with_isa([&](auto isa) {
+    using Isa = decltype(isa);
+    for_each_block(grad_y, numel, [&](int64_t offset, int64_t count) {
+      Isa::template backward<scalar_t>(grad_y + offset, grad_x + offset, mask + offset / 8, count);
+    });
+  });
 }
 
 // The flat kernel of layouts.h: src and dst share one dense layout.
