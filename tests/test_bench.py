@@ -120,7 +120,7 @@ def test_resnet_like_training_step(tmp_path):
 def test_the_resnet_pair_differs_only_in_its_activations():
     from torch_ext import QuantActivation
 
-    (_, quantized), (_, float_twin) = bench._train_pair("lm_resnet")
+    quantized, float_twin = bench._train_pair("lm_resnet").values()
     q, f = quantized(), float_twin()
     assert [n for n, _ in q.named_parameters()] == [n for n, _ in f.named_parameters()]
     assert any(isinstance(m, QuantActivation) for m in q.modules())

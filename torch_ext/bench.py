@@ -493,14 +493,15 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, images: torc
 TRAIN_MODELS = ("lmnet_v1", "lm_resnet")
 
 
-def _train_pair(name: str) -> Tuple[Tuple[str, Callable[[], torch.nn.Module]], Tuple[str, Callable[[], torch.nn.Module]]]:
+def _train_pair(name: str) -> Dict[str, Callable[[], torch.nn.Module]]:
+    """{quantized network's name: builder, float twin's name: builder}, in that order."""
     from torch_ext.models import LmnetV1, LmnetV1Quantize, LmResnet, LmResnetQuantize  # imported when needed
 
     if name == "lmnet_v1":
-        return ("LmnetV1Quantize", functools.partial(LmnetV1Quantize, num_classes=10)), \
-            ("LmnetV1", functools.partial(LmnetV1, num_classes=10))
-    return ("LmResnet+QuantActivation", functools.partial(LmResnetQuantize, num_classes=10, weight_quantizer=None)), \
-        ("LmResnet", functools.partial(LmResnet, num_classes=10))
+        return {"LmnetV1Quantize": functools.partial(LmnetV1Quantize, num_classes=10),
+                "LmnetV1": functools.partial(LmnetV1, num_classes=10)}
+    return {"LmResnet+QuantActivation": functools.partial(LmResnetQuantize, num_classes=10, weight_quantizer=None),
+            "LmResnet": functools.partial(LmResnet, num_classes=10)}
 
 
 def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: int, *,
@@ -512,8 +513,9 @@ def _bench_train_step(device: torch.device, batch: int, repeats: int, warmup: in
     images = images.contiguous(memory_format=memory_format)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
     steps: Dict[str, Callable[[], object]] = {}
-    (quantized, _), (float_name, _) = pair = _train_pair(model)
-    for name, build in pair:
+    pair = _train_pair(model)
+    quantized, float_name = pair
+    for name, build in pair.items():
         torch.manual_seed(0)
         net = build().to(device, memory_format=memory_format).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)

@@ -236,17 +236,12 @@ struct Avx2 {
     lsq_backward_block<scalar_t>(g, gx, x, count, c, in_sum, above_sum);
   }
 };
-
-bool has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
 #endif
 
 template <typename F>
 void with_isa(F&& f) {
 #ifdef TORCH_EXT_LEARNABLE_HAVE_AVX2
-  if (cpu_isa_cap() >= kIsaAvx2 && has_avx2()) {  // TORCH_EXT_CPU_ISA caps it (cpu_isa.h)
+  if (cpu_isa() >= kIsaAvx2) {  // the CPU's, capped by TORCH_EXT_CPU_ISA (cpu_isa.h)
     f(Avx2{});
     return;
   }

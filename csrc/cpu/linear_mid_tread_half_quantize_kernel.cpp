@@ -82,8 +82,7 @@ struct Storage<c10::BFloat16> {
     // Round to nearest even on the 16 dropped bits (a carry into the exponent
     // is the right result, up to infinity).
     const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    return static_cast<B>(nan ? uint32_t{formula::NaNBits<c10::BFloat16>::value} : rounded);
+    return static_cast<B>(formula::is_nan_bits<float>(u) ? uint32_t{formula::NaNBits<c10::BFloat16>::value} : rounded);
   }
 };
 
@@ -298,11 +297,6 @@ struct Avx2 {
   }
 };
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
 // AVX-512 with 512-bit vectors (GCC prefers 256-bit ones by default): twice
 // the lanes for the compares and selects of the steps, and for the formula's
 // divisions. The mask is still packed by the AVX2 function.
@@ -319,12 +313,6 @@ struct Avx512 {
     backward_block_impl<scalar_t>(g, out, mask, count);
   }
 };
-
-bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  return has;
-}
 #endif
 
 // Prefetch the next page of the input, a block's worth of lines at a time.
@@ -363,12 +351,12 @@ void for_each_block(const scalar_t* input, int64_t numel, F&& f) {
 template <typename F>
 void with_isa(F&& f) {
 #ifdef TORCH_EXT_HAVE_AVX2
-  const int cap = cpu_isa_cap();
-  if (cap >= kIsaAvx512 && cpu_has_avx512()) {
+  const int isa = cpu_isa();
+  if (isa >= kIsaAvx512) {
     f(Avx512{});
     return;
   }
-  if (cap >= kIsaAvx2 && cpu_has_avx2()) {
+  if (isa >= kIsaAvx2) {
     f(Avx2{});
     return;
   }

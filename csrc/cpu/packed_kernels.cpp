@@ -376,11 +376,6 @@ __attribute__((target("avx2,popcnt"))) void conv_tiles_avx2(const Geometry& g, c
   conv_tiles<BIT>(g, x, w, out, b, e);
 }
 
-bool cpu_has_avx2_popcnt() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
-  return has;
-}
-
 #endif
 
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
@@ -394,11 +389,11 @@ bool cpu_has_avx2_popcnt() {
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,popcnt,avx2")))
 constexpr int kLanes = 16;
 
+// The AVX-512 copy here also needs VPOPCNTQ (cpu_isa() checks the rest, and
+// the cap).
 bool cpu_has_avx512_vpopcnt() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt");
-  return has;
+  static const bool has_vpopcnt = __builtin_cpu_supports("avx512vpopcntdq");
+  return has_vpopcnt && cpu_isa() >= kIsaAvx512;
 }
 
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own temporaries.
@@ -554,8 +549,7 @@ TORCH_EXT_AVX512_TARGET void conv_tiles_avx512(const Geometry& g, const word_t* 
 template <int BIT>
 void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Output& out) {
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const int cap = cpu_isa_cap();  // TORCH_EXT_CPU_ISA (cpu_isa.h)
-  if (cap >= 2 && cpu_has_avx512_vpopcnt()) {
+  if (cpu_has_avx512_vpopcnt()) {
     const int64_t tiles = (g.pixels() + kLanes - 1) / kLanes;
     // At least ~1M word operations (tens of microseconds) a task: small layers
     // at batch 1 stay on one thread, where waking another costs more than it
@@ -573,7 +567,7 @@ void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Out
   const int64_t work = std::max<int64_t>(1, kTile * BIT * g.K() * g.O);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const bool avx2 = cap >= 1 && cpu_has_avx2_popcnt();
+  const bool avx2 = cpu_isa() >= kIsaAvx2;
 #else
   const bool avx2 = false;
 #endif
@@ -853,12 +847,10 @@ at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double m
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<word_t*>(out.data_ptr<int64_t>());
   const int64_t chunks_per_image = (HW + kQChunk - 1) / kQChunk;
-  const int cap = cpu_isa_cap();  // TORCH_EXT_CPU_ISA (cpu_isa.h)
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const int isa = cap >= 2 && cpu_has_avx512_vpopcnt() ? 2 : (cap >= 1 && cpu_has_avx2_popcnt() ? 1 : 0);
+  const int isa = cpu_has_avx512_vpopcnt() ? 2 : (cpu_isa() >= kIsaAvx2 ? 1 : 0);
 #else
   const int isa = 0;
-  (void)cap;
 #endif
   at::parallel_for(0, N * chunks_per_image, std::max<int64_t>(1, 16384 / (C * kQChunk)), [&](int64_t b, int64_t e) {
     std::vector<uint8_t> cj(static_cast<size_t>(C * kQChunk));

@@ -5,6 +5,7 @@
 // compare them). The variable is read at each call.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -24,6 +25,22 @@ inline int cpu_isa_cap() {
     return kIsaAvx2;
   }
   return kIsaAvx512;
+}
+
+// The widest copy to run: what the CPU has (AVX2 with POPCNT; AVX-512 F, BW,
+// DQ and VL), under the cap. A kernel that needs more (the packed
+// convolution's VPOPCNTDQ) checks that itself.
+inline int cpu_isa() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const int has =
+      (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+          ? kIsaAvx512
+          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") ? kIsaAvx2 : kIsaBaseline);
+  return std::min(cpu_isa_cap(), has);
+#else
+  return kIsaBaseline;
+#endif
 }
 
 }  // namespace torch_ext

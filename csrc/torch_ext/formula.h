@@ -161,12 +161,18 @@ struct NaNBits<c10::BFloat16> {
   static constexpr uint16_t exponent = 0x7F80u;
 };
 
+// Whether the bits of a scalar_t are a NaN (magnitude above infinity's).
+template <typename scalar_t>
+C10_HOST_DEVICE inline bool is_nan_bits(typename NaNBits<scalar_t>::type bits) {
+  using B = typename NaNBits<scalar_t>::type;
+  const B magnitude = bits & static_cast<B>(~(static_cast<B>(1) << (8 * sizeof(B) - 1)));
+  return magnitude > NaNBits<scalar_t>::exponent;
+}
+
 // The bits of y, with any NaN replaced by NaNBits<scalar_t>::value.
 template <typename scalar_t>
 C10_HOST_DEVICE inline typename NaNBits<scalar_t>::type canonical_nan(typename NaNBits<scalar_t>::type bits) {
-  using B = typename NaNBits<scalar_t>::type;
-  const B magnitude = bits & static_cast<B>(~(static_cast<B>(1) << (8 * sizeof(B) - 1)));
-  return magnitude > NaNBits<scalar_t>::exponent ? NaNBits<scalar_t>::value : bits;
+  return is_nan_bits<scalar_t>(bits) ? NaNBits<scalar_t>::value : bits;
 }
 
 // The straight-through gradient passes where 0 < x < m, compared in T;
