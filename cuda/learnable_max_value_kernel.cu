@@ -3,15 +3,21 @@
 // m is read by the kernels from the 0-dim max_value tensor (converted to the
 // compute type T of x by a device-side copy when its dtype differs) and
 // clamped there by learnable::effective_max_value: nothing is read on the
-// host, so nothing synchronises. The math is formula.h, as in the fixed
-// operator's kernels (this file is also compiled with -fmad=false), so y is
-// bit-identical to linear_mid_tread_half_quantize(x, bit, m) on either device.
+// host, so nothing synchronises. Each block builds the form of the forward
+// from m once, in shared memory (forms.cuh: for 1 to 4 bits the thresholds
+// of steps.h, each searched by one warp), so y is bit-identical to
+// linear_mid_tread_half_quantize(x, bit, m) on either device, with no
+// division in the loop. The memory path is the fixed operator's (tiles.cuh).
 //
 // grad_max_value is summed in two passes with no atomics: each block of the
 // first kernel sums its elements (a fixed grid-stride assignment that depends
-// on the element count only) in double and reduces them in shared memory in
-// a fixed tree order into one partial per block; one block of the second
-// kernel adds the partials in a fixed order. The same bits run to run.
+// on the element count and the device only) in double and reduces them in
+// shared memory in a fixed tree order into one partial per block; one block
+// of the second kernel adds the partials in a fixed order. The same bits run
+// to run.
+#include "forms.cuh"
+#include "tiles.cuh"
+
 #include "torch_ext/formula.h"
 #include "torch_ext/learnable.h"
 #include "torch_ext/torch_ext.h"
@@ -28,60 +34,70 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace torch_ext {
 namespace cuda_learnable {
 namespace {
 
+using cuda_tiles::bits_t;
+using cuda_tiles::kThreads;
+using cuda_tiles::kVecs;
+using cuda_tiles::Tile;
 using formula::compute_t;
-using formula::Params;
 
-constexpr int kGroup = 8;  // elements a thread step: one byte of each mask
-constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 1024;  // partial sums of the first reduction pass
 
-template <typename T>
-__device__ __forceinline__ Params<T> device_params(const T* m_ptr, T levels, bool clip_only) {
-  Params<T> p;
-  p.max_value = learnable::effective_max_value<T>(*m_ptr);
-  p.levels = levels;
-  p.clip_only = clip_only;
-  return p;
+// Every thread of the block: the form of this call, from the max_value
+// tensor, in shared memory.
+template <typename Form, typename T>
+__device__ __forceinline__ void build_shared_form(Form& form, const T* m_ptr, int levels) {
+  cuda_forms::build_form(form, learnable::effective_max_value<T>(*m_ptr), levels);
+  __syncthreads();
 }
 
-template <typename scalar_t, bool kMasks>
-__global__ void forward_kernel(
+// y, and with kMasks the two packed masks (row 0: 0 < x < m, row 1: x >= m,
+// `bytes` apart).
+template <typename scalar_t, bool kMasks, typename Form>
+__global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, uint8_t* __restrict__ masks, int64_t numel,
-    int64_t bytes, const compute_t<scalar_t>* __restrict__ m_ptr, compute_t<scalar_t> levels, bool clip_only) {
+    int64_t bytes, bool aligned, const compute_t<scalar_t>* __restrict__ m_ptr, int levels) {
   using T = compute_t<scalar_t>;
-  using B = typename formula::NaNBits<scalar_t>::type;
-  const Params<T> p = device_params(m_ptr, levels, clip_only);
-  const int64_t groups = (numel + kGroup - 1) / kGroup;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const int64_t base = g * kGroup;
-    uint32_t pass = 0;
-    uint32_t above = 0;
+  using B = bits_t<scalar_t>;
+  using Tl = Tile<scalar_t>;
+  using S = storage::Storage<scalar_t>;
+  __shared__ Form form;
+  build_shared_form(form, m_ptr, levels);
+  cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    B in[Tl::kThreadElems];
+    cuda_tiles::load_tile<kFull>(x, t, numel, in);
+    B out[Tl::kThreadElems];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      if (base + j < numel) {
-        const T xv = static_cast<T>(x[base + j]);
-        if (kMasks) {
-          pass |= static_cast<uint32_t>(formula::passes_gradient(xv, p.max_value)) << j;
-          above |= static_cast<uint32_t>(xv >= p.max_value) << j;
+    for (int k = 0; k < kVecs; ++k) {
+      const B(&vin)[Tl::kVecElems] = *reinterpret_cast<const B(*)[Tl::kVecElems]>(in + k * Tl::kVecElems);
+      B(&vout)[Tl::kVecElems] = *reinterpret_cast<B(*)[Tl::kVecElems]>(out + k * Tl::kVecElems);
+      T xv[Tl::kVecElems];
+#pragma unroll
+      for (int j = 0; j < Tl::kVecElems; ++j) {
+        xv[j] = S::load(vin[j]);
+      }
+      form.apply(xv, vin, vout);
+      if (kMasks) {
+        const T m = form.max_value();
+        uint32_t pass = 0;
+        uint32_t above = 0;
+#pragma unroll
+        for (int j = 0; j < Tl::kVecElems; ++j) {
+          pass |= static_cast<uint32_t>(formula::passes_gradient(xv[j], m)) << j;
+          above |= static_cast<uint32_t>(xv[j] >= m) << j;
         }
-        const scalar_t r = static_cast<scalar_t>(formula::quantize(xv, p));
-        B bits;
-        memcpy(&bits, &r, sizeof(B));
-        bits = formula::canonical_nan<scalar_t>(bits);
-        memcpy(y + base + j, &bits, sizeof(B));
+        cuda_tiles::store_mask_bits<kFull, scalar_t>(masks, t, k, numel, pass);
+        cuda_tiles::store_mask_bits<kFull, scalar_t>(masks + bytes, t, k, numel, above);
       }
     }
-    if (kMasks) {
-      masks[g] = static_cast<uint8_t>(pass);
-      masks[bytes + g] = static_cast<uint8_t>(above);
-    }
-  }
+    cuda_tiles::store_tile<kFull>(y, t, numel, out);
+  });
 }
 
 // Shared-memory tree reduction of two doubles a thread, in a fixed order.
@@ -98,57 +114,101 @@ __device__ __forceinline__ void block_reduce(double* s_in, double* s_above, doub
   }
 }
 
-// First pass: grad_x, and one (in, above) partial sum per block.
-// kLsq: `saved` is x (scalar_t); otherwise the two masks.
-template <typename scalar_t, bool kLsq>
-__global__ void backward_kernel(
-    const scalar_t* __restrict__ grad_y, scalar_t* __restrict__ grad_x, const void* __restrict__ saved,
-    int64_t numel, int64_t bytes, const compute_t<scalar_t>* __restrict__ m_ptr, compute_t<scalar_t> levels,
-    bool clip_only, double* __restrict__ partials) {
+// PACT's first pass: grad_x from the pass mask, and one partial sum a block
+// of grad_y where x >= m.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) backward_kernel(
+    const scalar_t* __restrict__ grad_y, scalar_t* __restrict__ grad_x, const uint8_t* __restrict__ masks,
+    int64_t numel, int64_t bytes, bool aligned, double* __restrict__ partials) {
   using T = compute_t<scalar_t>;
+  using B = bits_t<scalar_t>;
+  using Tl = Tile<scalar_t>;
+  using S = storage::Storage<scalar_t>;
   __shared__ double s_in[kThreads];
   __shared__ double s_above[kThreads];
-  const Params<T> p = device_params(m_ptr, levels, clip_only);
-  const int64_t groups = (numel + kGroup - 1) / kGroup;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  double in_sum = 0.0;
   double above_sum = 0.0;
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
-    const int64_t base = g * kGroup;
-    uint32_t pass_bits = 0;
-    uint32_t above_bits = 0;
-    if (!kLsq) {
-      const uint8_t* masks = static_cast<const uint8_t*>(saved);
-      pass_bits = masks[g];
-      above_bits = masks[bytes + g];
-    }
+  cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    uint32_t pass[kVecs];
+    uint32_t above[kVecs];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) {
-      if (base + j < numel) {
-        const scalar_t gs = grad_y[base + j];
-        const double gd = static_cast<double>(static_cast<T>(gs));
-        bool pass;
-        bool above;
-        if (kLsq) {
-          const scalar_t xs = static_cast<const scalar_t*>(saved)[base + j];
-          const T xv = static_cast<T>(xs);
-          pass = formula::passes_gradient(xv, p.max_value);
-          above = xv >= p.max_value;
-          if (pass) {
-            const scalar_t yq = static_cast<scalar_t>(formula::quantize(xv, p));
-            in_sum += gd * (static_cast<double>(static_cast<T>(yq)) - static_cast<double>(xv));
-          }
-        } else {
-          pass = (pass_bits >> j) & 1u;
-          above = (above_bits >> j) & 1u;
+    for (int k = 0; k < kVecs; ++k) {
+      pass[k] = cuda_tiles::load_mask_bits<kFull, scalar_t>(masks, t, k, numel);
+      above[k] = cuda_tiles::load_mask_bits<kFull, scalar_t>(masks + bytes, t, k, numel);
+    }
+    B g[Tl::kThreadElems];
+    cuda_tiles::load_tile<kFull>(grad_y, t, numel, g);
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+#pragma unroll
+      for (int j = 0; j < Tl::kVecElems; ++j) {
+        B& gb = g[k * Tl::kVecElems + j];
+        if ((above[k] >> j) & 1u) {
+          above_sum += static_cast<double>(static_cast<T>(S::load(gb)));
         }
-        if (above) {
-          above_sum += gd;
-        }
-        grad_x[base + j] = pass ? gs : static_cast<scalar_t>(0);
+        gb &= B(0) - static_cast<B>((pass[k] >> j) & 1u);
       }
     }
+    cuda_tiles::store_tile<kFull>(grad_x, t, numel, g);
+  });
+  block_reduce(s_in, s_above, 0.0, above_sum);
+  if (threadIdx.x == 0) {
+    partials[2 * blockIdx.x] = s_in[0];
+    partials[2 * blockIdx.x + 1] = s_above[0];
   }
+}
+
+// LSQ's first pass, from x itself: grad_x = grad_y where 0 < x < m, and one
+// partial sum a block of grad_y * (y - x) there and of grad_y where x >= m,
+// y from the form of the forward.
+template <typename scalar_t, typename Form>
+__global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocksTwoTiles) lsq_backward_kernel(
+    const scalar_t* __restrict__ grad_y, scalar_t* __restrict__ grad_x, const scalar_t* __restrict__ x,
+    int64_t numel, bool aligned, const compute_t<scalar_t>* __restrict__ m_ptr, int levels,
+    double* __restrict__ partials) {
+  using T = compute_t<scalar_t>;
+  using B = bits_t<scalar_t>;
+  using Tl = Tile<scalar_t>;
+  using S = storage::Storage<scalar_t>;
+  __shared__ Form form;
+  __shared__ double s_in[kThreads];
+  __shared__ double s_above[kThreads];
+  build_shared_form(form, m_ptr, levels);
+  double in_sum = 0.0;
+  double above_sum = 0.0;
+  cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    B xb[Tl::kThreadElems];
+    B g[Tl::kThreadElems];
+    cuda_tiles::load_tile<kFull>(x, t, numel, xb);
+    cuda_tiles::load_tile<kFull>(grad_y, t, numel, g);
+    const T m = form.max_value();
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) {
+      const B(&vx)[Tl::kVecElems] = *reinterpret_cast<const B(*)[Tl::kVecElems]>(xb + k * Tl::kVecElems);
+      T xv[Tl::kVecElems];
+#pragma unroll
+      for (int j = 0; j < Tl::kVecElems; ++j) {
+        xv[j] = S::load(vx[j]);
+      }
+      B yq[Tl::kVecElems];
+      form.apply(xv, vx, yq);
+#pragma unroll
+      for (int j = 0; j < Tl::kVecElems; ++j) {
+        B& gb = g[k * Tl::kVecElems + j];
+        const double gd = static_cast<double>(static_cast<T>(S::load(gb)));
+        const bool pass = formula::passes_gradient(xv[j], m);
+        if (pass) {
+          in_sum += gd * (static_cast<double>(static_cast<T>(S::load(yq[j]))) - static_cast<double>(xv[j]));
+        }
+        if (xv[j] >= m) {
+          above_sum += gd;
+        }
+        gb &= B(0) - static_cast<B>(pass);
+      }
+    }
+    cuda_tiles::store_tile<kFull>(grad_x, t, numel, g);
+  });
   block_reduce(s_in, s_above, in_sum, above_sum);
   if (threadIdx.x == 0) {
     partials[2 * blockIdx.x] = s_in[0];
@@ -178,9 +238,8 @@ __global__ void finish_kernel(
   }
 }
 
-int64_t grid_for(int64_t numel) {
-  const int64_t groups = (numel + kGroup - 1) / kGroup;
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (groups + kThreads - 1) / kThreads));
+int levels_of(int64_t bit) {
+  return bit == 32 ? 1 : static_cast<int>((int64_t{1} << bit) - 1);
 }
 
 at::Tensor m_as_compute_type(const at::Tensor& max_value, at::ScalarType x_dtype) {
@@ -202,11 +261,16 @@ void launch_forward(const at::Tensor& xc, at::Tensor& y, uint8_t* masks, const a
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "learnable_forward_cuda", [&] {
     using T = compute_t<scalar_t>;
-    const auto p = formula::make_params<T>(bit, 1.0);
-    forward_kernel<scalar_t, kMasks><<<grid_for(numel), kThreads, 0, stream>>>(
-        xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), masks, numel, mask_numel(numel),
-        mt.const_data_ptr<T>(), p.levels, p.clip_only);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* x = xc.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const bool aligned = cuda_tiles::aligned16(x) && cuda_tiles::aligned16(yp);
+    const int64_t grid = cuda_tiles::grid_for<scalar_t>(numel, xc.device().index());
+    cuda_forms::with_form<scalar_t>(bit, [&](auto* form) {
+      using Form = std::remove_pointer_t<decltype(form)>;
+      forward_kernel<scalar_t, kMasks, Form><<<grid, kThreads, 0, stream>>>(
+          x, yp, masks, numel, mask_numel(numel), aligned, mt.const_data_ptr<T>(), levels_of(bit));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -245,8 +309,6 @@ std::tuple<at::Tensor, at::Tensor> learnable_backward_cuda(
   const bool lsq = mode == "lsq";
   at::Tensor grad_x = at::empty(g.sizes(), g.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor out = at::empty({}, g.options().dtype(at::kDouble));
-  const int64_t blocks = grid_for(numel);
-  at::Tensor partials = at::empty({2 * blocks}, g.options().dtype(at::kDouble));
   const at::Tensor mt = m_as_compute_type(max_value, g.scalar_type());
   const double scale = scale_grad && numel > 0
                            ? 1.0 / std::sqrt(static_cast<double>(numel) * (std::ldexp(1.0, static_cast<int>(bit)) - 1.0))
@@ -254,17 +316,26 @@ std::tuple<at::Tensor, at::Tensor> learnable_backward_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "learnable_backward_cuda", [&] {
     using T = compute_t<scalar_t>;
-    const auto p = formula::make_params<T>(bit, 1.0);
+    const int64_t blocks = cuda_tiles::grid_for<scalar_t>(numel, g.device().index(), kMaxBlocks);
+    at::Tensor partials = at::empty({2 * blocks}, g.options().dtype(at::kDouble));
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.data_ptr<scalar_t>();
+    const bool aligned = cuda_tiles::aligned16(gp) && cuda_tiles::aligned16(gx);
     if (lsq) {
-      backward_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), s.const_data_ptr(), numel, mask_numel(numel),
-          mt.const_data_ptr<T>(), p.levels, p.clip_only, partials.data_ptr<double>());
+      const scalar_t* xp = static_cast<const scalar_t*>(s.const_data_ptr());
+      cuda_forms::with_form<scalar_t>(bit, [&](auto* form) {
+        using Form = std::remove_pointer_t<decltype(form)>;
+        lsq_backward_kernel<scalar_t, Form><<<blocks, kThreads, 0, stream>>>(
+            gp, gx, xp, numel, aligned && cuda_tiles::aligned16(xp), mt.const_data_ptr<T>(), levels_of(bit),
+            partials.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     } else {
-      backward_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), grad_x.data_ptr<scalar_t>(), s.const_data_ptr(), numel, mask_numel(numel),
-          mt.const_data_ptr<T>(), p.levels, p.clip_only, partials.data_ptr<double>());
+      backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+          gp, gx, static_cast<const uint8_t*>(s.const_data_ptr()), numel, mask_numel(numel), aligned,
+          partials.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     finish_kernel<T><<<1, kThreads, 0, stream>>>(
         partials.const_data_ptr<double>(), blocks, mt.const_data_ptr<T>(), lsq, scale, out.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
