@@ -10,11 +10,17 @@ Environment:
   TORCH_CUDA_ARCH_LIST  the GPU architectures; when unset and no GPU is
                  visible, DEFAULT_CUDA_ARCH_LIST below (it includes 9.0, the H200);
                  when unset with a GPU visible, torch builds for the visible GPUs
+  CXX            the C++ compiler (torch's choice: $CXX, else c++); build_ext refuses one with no
+                 shared libstdc++ (scripts/cxx_toolchain.py: `$CXX -print-file-name=libstdc++.so` names
+                 no file), as the extension it links crashes on its first error message
+  TORCH_EXT_ALLOW_STATIC_LIBSTDCXX=1  build with such a compiler anyway
 """
 
 import glob
 import importlib.util
+import itertools
 import os
+import shlex
 import sys
 
 from setuptools import find_packages, setup
@@ -35,11 +41,49 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.9;9.0+PTX"
 
 
-def _cuda_toolkit():
-    spec = importlib.util.spec_from_file_location("cuda_toolkit", os.path.join(ROOT, "scripts", "cuda_toolkit.py"))
+def _script(name: str):
+    """scripts/<name>.py as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cuda_toolkit():
+    return _script("cuda_toolkit")
+
+
+def check_cxx(linker=None) -> None:
+    """Stops the build when the C++ compiler (or the linker command, where given) has no shared libstdc++.
+
+    A static libstdc++ linked into _C.so crashes it on its first error message
+    that formats a number (scripts/cxx_toolchain.py). A compiler that cannot be
+    run is left to the build to report.
+    """
+    toolchain = _script("cxx_toolchain")
+    for cxx in dict.fromkeys([toolchain.compiler_in_use()] + ([linker] if linker else [])):
+        try:
+            if toolchain.links_shared_libstdcxx(cxx):
+                continue
+        except toolchain.CompilerError as exc:
+            print(f"torch_ext: not checked whether the C++ compiler links libstdc++ shared: {exc}", file=sys.stderr)
+            continue
+        if os.environ.get("TORCH_EXT_ALLOW_STATIC_LIBSTDCXX") == "1":
+            print(f"torch_ext: TORCH_EXT_ALLOW_STATIC_LIBSTDCXX=1: building with {toolchain.resolved(cxx)}, "
+                  "which has no shared libstdc++", file=sys.stderr)
+            continue
+        sys.exit(toolchain.static_only_message(cxx, toolchain.find_shared_cxx()))
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's build_ext, after check_cxx: before anything is compiled."""
+
+    def build_extensions(self) -> None:
+        # The linker of a C++ extension is distutils' compiler_cxx ($CXX, else Python's own CXX), its
+        # words before the first option (CFLAGS follow).
+        linker = list(itertools.takewhile(lambda w: not w.startswith("-"), getattr(self.compiler, "compiler_cxx", [])))
+        check_cxx(shlex.join(linker) if linker else None)
+        super().build_extensions()
 
 
 def want_cuda() -> bool:
@@ -120,7 +164,7 @@ setup(
         "onnx": _requirements("onnx"),
         "test": _requirements("test") + _requirements("train") + _requirements("onnx"),
     },
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:cli", "torch-ext-bench=torch_ext.bench:main"]},
     zip_safe=False,
 )

@@ -9,29 +9,36 @@
 #   scripts/gpu_check.sh OUTDIR [STEP...]  run preflight, then STEPs (default: every
 #                                          default step below, in this order)
 #   scripts/gpu_check.sh --find-cuda       print the CUDA toolkit it would use, and why
+#   scripts/gpu_check.sh --find-cxx        print the C++ compiler it would build with (CXX=, CC=), and why
 #   scripts/gpu_check.sh --list            print the steps and their budgets
 #
 # Budgets: each step's kill limit in seconds (the script reads them from the
 # lines below; GPU_CHECK_BUDGET_<step>=S overrides one for a rerun). The
-# default steps sum to 470 s, under 8 minutes; "expect" is the time the step
+# default steps sum to 475 s, under 8 minutes; "expect" is the time the step
 # should take on one H200 with 16 cores.
-#   step preflight   20 s  expect   8 s: torch sees a GPU, CUDA toolkit found, nvidia-smi
+#   step preflight   20 s  expect   8 s: torch sees a GPU, CUDA toolkit found, a C++ compiler that links
+#                                        libstdc++ shared (else CXX, CC switched to one), nvidia-smi
 #   step build      140 s  expect  70 s: setup.py build_ext --inplace for this GPU's arch only
-#   step pytest     120 s  expect  70 s: tests/test_cuda.py alone; JUnit checked: no skip but "needs two GPUs"
+#   step pytest     135 s  expect 100 s: every CUDA test of tests/ (pytest -m cuda: test_cuda.py, the cases
+#                                        of the "cuda" device, CUDA AMP training, an inductor training
+#                                        step); JUnit checked: no skip but "needs two GPUs"
 #   step memcheck    60 s  expect  30 s: compute-sanitizer memcheck, pytest -m sanitize tests/test_cuda.py
 #   step racecheck   40 s  expect  20 s: compute-sanitizer racecheck, the same selection
-#   step bench       60 s  expect  35 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
-#                                        and channels_last, no torch.compile; AMP channels_last train steps
-#                                        of LmnetV1Quantize and of LmResnet with QuantActivation vs float twins)
-#   step train       30 s  expect  15 s: python -m torch_ext.train --device cuda --amp bf16 --epochs 1
+#   step bench       80 s  expect  60 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
+#                                        and channels_last, with the torch.compile'd composite; AMP
+#                                        channels_last train steps of LmnetV1Quantize and of LmResnet with
+#                                        QuantActivation vs float twins); python -m torch_ext.bench --learnable
+#                                        --devices cuda (PACT, LSQ vs the fixed operator, torch's, relu)
+#   step train       30 s  expect  15 s: (not a default step: the pytest step trains with AMP on CUDA)
+#                                        python -m torch_ext.train --device cuda --amp bf16 --epochs 1
 #   step catch2     240 s  expect 150 s: (not a default step) Catch2 CUDA tests, plain and under memcheck,
 #                                        only where Catch2 is installed
 #
 # OUTDIR (made absolute first) receives, as each step ends: summary.txt (one
 # block a step, the verdict last), gpu_check.log (every command's output),
-# pytest_cuda.xml, memcheck.xml, racecheck.xml, bench.json and
-# train_metrics.json: 7 files, no folders (the device tool brings back at
-# most 8 files).
+# pytest_cuda.xml, memcheck.xml, racecheck.xml, bench.json,
+# bench_learnable.json and, from the train step, train_metrics.json: at most 8
+# files, no folders (the device tool brings back at most 8 files).
 #
 # Exit status: 0 every step passed; 1 a step failed; 2 the check could not
 # start (no GPU visible to torch, no CUDA toolkit, bad usage); 3 nothing
@@ -41,8 +48,8 @@ set -uo pipefail
 SCRIPT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
 ROOT=$(cd "$(dirname "$SCRIPT")/.." && pwd)
 PY=${PYTHON:-python3}
-DEFAULT_STEPS=(build pytest memcheck racecheck bench train)
-ALL_STEPS=(preflight "${DEFAULT_STEPS[@]}" catch2)
+DEFAULT_STEPS=(build pytest memcheck racecheck bench)
+ALL_STEPS=(preflight "${DEFAULT_STEPS[@]}" train catch2)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 UNSUPPORTED=75  # a step's exit status when it cannot run on this machine
 
@@ -60,6 +67,18 @@ budget_of() {  # budget_of STEP: seconds, from the header (or GPU_CHECK_BUDGET_S
 
 find_cuda() {  # prints "DIR<TAB>how it was found" and returns 0, or explains and returns 1
   "$PY" "$ROOT/scripts/cuda_toolkit.py" --how --lenient
+}
+
+# --------------------------------------------------------------------------
+# The C++ compiler: scripts/cxx_toolchain.py (the rule setup.py enforces).
+# One with no shared libstdc++ ($CXX -print-file-name=libstdc++.so names no
+# file; a GCC under /opt/gcc set as CXX on a GPU machine) links a static
+# libstdc++ into _C.so, which then crashes on its first error message: the
+# preflight switches CXX (and CC, nvcc's host compiler) to the first that
+# links it shared, of $CXX, /usr/bin/g++, /usr/bin/c++, g++ and c++ on PATH.
+
+find_cxx() {  # prints CXX=, CC= (where it switches), why: and compiler: lines; or explains and returns 1
+  "$PY" "$ROOT/scripts/cxx_toolchain.py" --select
 }
 
 find_sanitizer() {
@@ -88,7 +107,8 @@ check_built() {
 }
 
 step_build() {
-  echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FORCE_CUDA=1 MAX_JOBS=$MAX_JOBS"
+  echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST FORCE_CUDA=1 MAX_JOBS=$MAX_JOBS" \
+    "CXX=${CXX:-(unset: c++)} CC=${CC:-(unset)}"
   FORCE_CUDA=1 "$PY" setup.py build_ext --inplace || return 1
   "$PY" - <<'EOF'
 import torch, torch_ext
@@ -101,13 +121,17 @@ EOF
 }
 
 step_pytest() {
+  # -m cuda: every test that runs on the GPU (tests/conftest.py marks them).
+  # A test module that cannot be imported here is an error in the JUnit file
+  # (the step fails) but does not keep the other CUDA tests from running.
   local limit=$(($1 - 15)) rc
   check_built || return 1
-  timeout -s INT -k 10 "$limit" "$PY" -m pytest tests/test_cuda.py -v -rs -p no:cacheprovider \
+  timeout -s INT -k 10 "$limit" "$PY" -m pytest tests -m cuda -v -rs -p no:cacheprovider \
+    --continue-on-collection-errors --durations=10 \
     --junitxml="$OUT/pytest_cuda.xml" -o junit_duration_report=call $(pytest_timeout_args 90)
   rc=$?
   [ $rc -eq 124 ] && echo "pytest stopped at its limit of $limit s"
-  "$PY" scripts/check_junit.py --min-tests 50 "$OUT/pytest_cuda.xml" || rc=1
+  "$PY" scripts/check_junit.py --min-tests 300 "$OUT/pytest_cuda.xml" || rc=1
   return $rc
 }
 
@@ -143,7 +167,7 @@ step_sanitizer() {  # step_sanitizer TOOL BUDGET
 step_bench() {
   check_built || return 1
   "$PY" -m torch_ext.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --layouts contiguous,channels_last \
-    --no-compile --repeats 10 --warmup 3 --train-repeats 5 --train-amp bfloat16 --train-channels-last \
+    --repeats 10 --warmup 3 --train-repeats 5 --train-amp bfloat16 --train-channels-last \
     --train-models lmnet_v1,lm_resnet \
     --json "$OUT/bench.json" || return 1
   # The benchmark skips CUDA quietly where it sees none: demand CUDA figures.
@@ -152,12 +176,18 @@ import json, sys
 doc = json.load(open(sys.argv[1]))
 ok = [r for r in doc["results"] if r["device"] == "cuda" and r["status"] == "ok"]
 ours = [r for r in ok if r["candidate"] == "torch_ext"]
+compiled = [r for r in ok if r["candidate"] == "composite_compiled"]
 train = [t for t in doc["train_step"] if t["device"] == "cuda"]
 ratios = ", ".join(f"{t['quantized']}/{t['float']} {t['ratio_quantized_over_float']:.2f}x" for t in train)
-print(f"bench.json: {len(ok)} CUDA figures ({len(ours)} of torch_ext), {len(train)} CUDA training step(s) "
-      f"({ratios}), copy {doc['copy_bandwidth_gbps'].get('cuda', 0):.0f} GB/s")
-sys.exit(0 if ours and {t["model"] for t in train} == {"lmnet_v1", "lm_resnet"} else 1)
+print(f"bench.json: {len(ok)} CUDA figures ({len(ours)} of torch_ext, {len(compiled)} of the compiled composite), "
+      f"{len(train)} CUDA training step(s) ({ratios}), copy {doc['copy_bandwidth_gbps'].get('cuda', 0):.0f} GB/s")
+sys.exit(0 if ours and compiled and {t["model"] for t in train} == {"lmnet_v1", "lm_resnet"} else 1)
 EOF
+  [ $? -eq 0 ] || return 1
+  # The learnable max_value (PACT, LSQ) against the fixed operator, torch's
+  # learnable fake-quantize and relu, forward+backward, in the same rounds.
+  "$PY" -m torch_ext.bench --learnable --devices cuda --sizes 256M --dtypes float32,bfloat16 --repeats 10 \
+    --warmup 3 --json "$OUT/bench_learnable.json" || return 1
 }
 
 step_train() {
@@ -259,6 +289,22 @@ EOF
   export TORCH_CUDA_ARCH_LIST CUDA_HOME PATH MAX_JOBS
   say "CUDA toolkit: $CUDA_HOME (${found#*$'\t'}); $("$CUDA_HOME/bin/nvcc" --version | tail -n 2 | head -n 1)"
   say "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST (the visible GPU only), MAX_JOBS=$MAX_JOBS"
+  local cxx why cc
+  if ! cxx=$(find_cxx 2>"$WORK/find_cxx.txt"); then
+    tee -a "$OUT/summary.txt" < "$WORK/find_cxx.txt"
+    say "gpu_check: FAILED: no C++ compiler that links libstdc++ shared (see above): set CXX to one whose" \
+      "-print-file-name=libstdc++.so names a file (a static libstdc++ in _C.so crashes it)"
+    exit 2
+  fi
+  why=$(sed -n 's/^why: //p' <<< "$cxx")
+  if [[ $why == switched* ]]; then
+    CXX=$(sed -n 's/^CXX=//p' <<< "$cxx")
+    export CXX
+    cc=$(sed -n 's/^CC=//p' <<< "$cxx")
+    if [ -n "$cc" ]; then CC=$cc; export CC; fi
+    say "C++ compiler: CXX=$CXX${cc:+ CC=$cc}, $why"
+  fi
+  say "C++ compiler: $(sed -n 's/^compiler: //p' <<< "$cxx")"
   say "compute-sanitizer: $(find_sanitizer || echo 'not found')"
   { command -v nvidia-smi >/dev/null && timeout 5 nvidia-smi; } >> "$LOG" 2>&1
   say "    ok  $((SECONDS - t0)) s"
@@ -286,7 +332,7 @@ digest() {  # digest STEP RC: the lines of the step's log worth reading in summa
   lines=$(awk -v head="===== $1 (" 'index($0, head) == 1 { on = 1; next } /^===== / { on = 0 } on' "$LOG")
   {
     # Verdicts and totals: check_junit, pytest's last line, the sanitizer's summary, ...
-    grep -E "^check_junit|^=+ .*(passed|failed|error|skipped).* in [0-9.]+s|ERROR SUMMARY|RACECHECK SUMMARY|UNSUPPORTED|^built:|^bench.json:|^test accuracy|stopped at its limit" <<< "$lines" | tail -n 4
+    grep -E "^check_junit|^=+ .*(passed|failed|error|skipped).* in [0-9.]+s|ERROR SUMMARY|RACECHECK SUMMARY|UNSUPPORTED|^built:|^bench.json:|^bench_learnable:|^test accuracy|stopped at its limit" <<< "$lines" | tail -n 4
     # The first few failures and refused skips.
     grep -E "^  (failed|error|skipped, not allowed|fewer than)" <<< "$lines" | head -n 6
     # A failed step with nothing above: its last lines (an exception, the build's last command).
@@ -304,6 +350,9 @@ main() {
       found=$(find_cuda) || exit 2
       echo "CUDA_HOME=${found%%$'\t'*}"
       echo "found: ${found#*$'\t'}"
+      exit 0 ;;
+    --find-cxx)
+      find_cxx || exit 2
       exit 0 ;;
     --list)
       sed -n 's/^#   step /  /p' "$SCRIPT"

@@ -8,7 +8,10 @@
   budget) and "long" (``pytest --hypothesis-profile=long``).
 - the ``slow`` marker: tests that take long but still run by default
   (deselect with ``-m "not slow"``); the ``sanitize`` marker: the small CUDA
-  selection that scripts/gpu_check.sh runs under compute-sanitizer.
+  selection that scripts/gpu_check.sh runs under compute-sanitizer; the
+  ``cuda`` marker: every test that runs on the GPU (scripts/gpu_check.sh's
+  pytest step runs ``-m cuda``), set here on the tests of test_cuda.py and on
+  those parametrized with the device "cuda", written on the others.
 - ``requires_cuda``, ``requires_triton``: skip, with the reason, where no
   usable GPU or no Triton is there.
 
@@ -61,6 +64,27 @@ def pytest_configure(config: pytest.Config) -> None:
         "sanitize: the small CUDA selection scripts/gpu_check.sh runs under compute-sanitizer "
         "(select with -m sanitize)",
     )
+    config.addinivalue_line(
+        "markers",
+        "cuda: runs on the GPU: scripts/gpu_check.sh runs -m cuda (set by pytest_collection_modifyitems on "
+        "the tests of test_cuda.py and those parametrized with the device 'cuda'; write it on the others)",
+    )
+
+
+def _is_cuda_device(value) -> bool:
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """The ``cuda`` marker on every test of test_cuda.py and every test with a "cuda" device parameter."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if item.path.name == "test_cuda.py" or (
+            callspec is not None and any(_is_cuda_device(v) for v in callspec.params.values())
+        ):
+            item.add_marker(pytest.mark.cuda)
 
 
 #: Examples run by each property test (test_properties.py counts them).

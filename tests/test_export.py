@@ -131,6 +131,7 @@ def test_compiled_training_step_matches_eager_cpu():
     _check_compiled_training("cpu", "aot_eager", steps=2, rtol=0.0, atol=0.0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
 def test_compiled_training_step_matches_eager_cuda_inductor():
     # Inductor fuses and reorders float sums, and its RNG differs from eager's:

@@ -3,18 +3,23 @@
 The GPU check runs on a borrowed GPU machine, where a wasted minute is not
 given back; everything it can get wrong without a GPU is checked here: its
 syntax, its time budget, that it fails fast (and says why) without a GPU, the
-CUDA toolkit it picks behind an nvcc wrapper script, and the JUnit checker
-that keeps it from passing by skipping.
+CUDA toolkit it picks behind an nvcc wrapper script, the C++ compiler it and
+setup.py accept (one that links libstdc++ shared), that its pytest step
+selects every CUDA test, and the JUnit checker that keeps it from passing by
+skipping.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -149,6 +154,7 @@ def test_a_step_that_cannot_run_makes_the_check_incomplete_not_passed(tmp_path):
     assert "GPU 0: a pretended GPU, capability 9.0" in summary
     assert "TORCH_CUDA_ARCH_LIST=9.0 (the visible GPU only)" in summary
     assert re.search(r"^CUDA toolkit: /\S+ \(", summary, re.MULTILINE)
+    assert re.search(r"^C\+\+ compiler: /\S+ \(.+\), libstdc\+\+ shared \(/\S+\)$", summary, re.MULTILINE)
     assert f"=== memcheck (budget {header_steps()['memcheck'][0]} s)" in summary
     assert "UNSUPPORTED: compute-sanitizer not found" in summary
     assert summary.rstrip().splitlines()[-1].startswith(
@@ -260,6 +266,291 @@ def test_find_cuda_here_picks_usr_local_cuda_behind_the_wrapper():
     home = found_cuda_home(run_script("--find-cuda", env=env))
     assert os.path.realpath(home) == os.path.realpath("/usr/local/cuda")
     assert os.path.realpath(home) != "/usr/local"
+
+
+# --------------------------------------------------------------------------
+# The C++ compiler: one that links libstdc++ shared (scripts/cxx_toolchain.py).
+# A GCC with only libstdc++.a answers -print-file-name=libstdc++.so with the
+# bare name; the extension it links crashes on its first error message.
+
+CXX_TOOLCHAIN = ROOT / "scripts" / "cxx_toolchain.py"
+
+
+def make_compiler(folder: Path, libstdcxx: Path | None) -> Path:
+    """A fake GCC in folder/bin (g++ and gcc, bash): -print-file-name=libstdc++.so answers ``libstdcxx``
+    (an existing file: it links libstdc++ shared) or, with None, the bare name (static-only); it
+    answers --version and -dumpfullversion, and refuses to compile anything."""
+    (folder / "bin").mkdir(parents=True)
+    if libstdcxx is not None:
+        libstdcxx.parent.mkdir(parents=True, exist_ok=True)
+        libstdcxx.write_text("/* GNU ld script */\n")
+    answer = str(libstdcxx) if libstdcxx is not None else '${1#-print-file-name=}'
+    script = (
+        f"#!{BASH}\n"
+        'case "$1" in\n'
+        f'  -print-file-name=*) echo "{answer}" ;;\n'
+        '  --version) echo "g++ (fake) 13.3.0"; echo "Copyright (C) 2024 Free Software Foundation, Inc." ;;\n'
+        "  -dumpfullversion) echo 13.3.0 ;;\n"
+        '  *) echo "fake g++: not compiling: $*" >&2; exit 1 ;;\n'
+        "esac\n"
+    )
+    for name in ("g++", "gcc"):
+        (folder / "bin" / name).write_text(script)
+        (folder / "bin" / name).chmod(0o755)
+    return folder / "bin" / "g++"
+
+
+@pytest.fixture
+def compilers(tmp_path) -> tuple[Path, Path]:
+    """(a static-only g++, as under /opt/gcc; a g++ that links libstdc++ shared)."""
+    return (make_compiler(tmp_path / "opt-gcc", None),
+            make_compiler(tmp_path / "good-gcc", tmp_path / "good-gcc" / "lib" / "libstdc++.so"))
+
+
+def cxx_env(tmp_path: Path, path: str, **extra: str) -> dict:
+    """The environment with no CXX/CC of its own, PATH as given, this Python as gpu_check.sh's, and the
+    system's compilers (/usr/bin/g++, /usr/bin/c++) replaced by a path that does not exist."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env.update(PATH=path, PYTHON=sys.executable, TORCH_EXT_SYSTEM_CXX=str(tmp_path / "no-system-cxx"))
+    env.update(extra)
+    return env
+
+
+def tools_without_compilers(tmp_path: Path) -> Path:
+    """A folder of links to the programs gpu_check.sh --find-cxx runs besides python: no compiler."""
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for name in ("dirname", "basename"):
+        (tools / name).symlink_to(shutil.which(name))
+    return tools
+
+
+def static_only_line(cxx: Path, found: str) -> str:
+    return (f"torch_ext: the C++ compiler {cxx} has no shared libstdc++ ({cxx} -print-file-name=libstdc++.so "
+            "finds none): an extension built with it crashes on its first error message; build with "
+            f"CXX=/usr/bin/g++ (found: {found})")
+
+
+def toolchain_module():
+    """scripts/cxx_toolchain.py, loaded as setup.py loads it."""
+    spec = importlib.util.spec_from_file_location("cxx_toolchain", CXX_TOOLCHAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cxx_toolchain_check_tells_a_static_only_compiler_from_a_shared_one(tmp_path, compilers):
+    static, good = compilers
+    env = cxx_env(tmp_path, f"{good.parent}:/usr/bin:/bin")
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--check", str(static)], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [static_only_line(static, str(good))]
+    # The compiler in use: $CXX.
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--check"], capture_output=True, text=True,
+                       env=dict(env, CXX=str(static)))
+    assert r.returncode == 1 and r.stdout.startswith(f"torch_ext: the C++ compiler {static} has no shared")
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--check"], capture_output=True, text=True,
+                       env=dict(env, CXX=str(good)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"torch_ext: the C++ compiler {good} (GCC 13.3.0) links libstdc++ shared "
+        f"({good.parent.parent}/lib/libstdc++.so)"
+    ]
+    # One that cannot be run is said to be so (exit 2), not taken for static-only.
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--check", str(tmp_path / "none" / "g++")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "cannot be run" in r.stdout and len(r.stdout.splitlines()) == 1, r.stdout
+
+
+def test_find_shared_cxx_skips_the_static_only_compiler(tmp_path, compilers, monkeypatch):
+    static, good = compilers
+    toolchain = toolchain_module()
+    assert toolchain.links_shared_libstdcxx(str(good)) is True
+    assert toolchain.links_shared_libstdcxx(str(static)) is False
+    with pytest.raises(toolchain.CompilerError, match="cannot be run"):
+        toolchain.links_shared_libstdcxx(str(tmp_path / "none" / "g++"))
+    tried: list = []
+    assert toolchain.find_shared_cxx([str(tmp_path / "none" / "g++"), str(static), str(good)], tried) == str(good)
+    assert tried == [f"{tmp_path}/none/g++: not found",
+                     f"{static}: no shared libstdc++ ({static} -print-file-name=libstdc++.so finds none)"]
+    assert toolchain.find_shared_cxx([str(static)]) is None
+    assert toolchain.matching_cc(str(good)) == str(good.parent / "gcc")
+    # The default candidates: $CXX, the system's, g++ and c++ on PATH.
+    monkeypatch.setenv("CXX", str(static))
+    monkeypatch.setenv("TORCH_EXT_SYSTEM_CXX", str(tmp_path / "no-system-cxx"))
+    monkeypatch.setenv("PATH", f"{good.parent}:/usr/bin:/bin")
+    assert toolchain.compiler_in_use() == str(static)
+    assert toolchain.default_candidates()[:3] == [str(static), str(tmp_path / "no-system-cxx"), str(good)]
+    assert toolchain.find_shared_cxx() == str(good)
+    # As a script: the path, or one line saying why there is none.
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--find"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == f"{good}\n", r.stdout + r.stderr
+    env = cxx_env(tmp_path, str(static.parent), CXX=str(static))
+    r = subprocess.run([sys.executable, str(CXX_TOOLCHAIN), "--find"], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stdout == "", r.stdout
+    assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("no C++ compiler links libstdc++ shared; tried: ")
+
+
+def _build_ext(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """setup.py build_ext into tmp_path, the CPU kernels only (no nvcc)."""
+    full = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC", "TORCH_EXT_ALLOW_STATIC_LIBSTDCXX")}
+    full.update(FORCE_CUDA="0", MAX_JOBS="1", TORCH_EXT_SYSTEM_CXX=str(tmp_path / "no-system-cxx"), **env)
+    return subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--build-temp", str(tmp_path / "temp"),
+         "--build-lib", str(tmp_path / "lib")],
+        capture_output=True, text=True, cwd=ROOT, env=full, timeout=300,
+    )
+
+
+def test_setup_refuses_a_static_only_compiler_before_compiling(tmp_path, compilers):
+    static, good = compilers
+    # The fake good g++ first on PATH (the first good compiler found), ninja from this Python's folder.
+    path = os.pathsep.join([str(good.parent), os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")])
+    r = _build_ext(tmp_path, CXX=str(static), PATH=path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stderr.splitlines()[-1] == static_only_line(static, str(good)), r.stderr
+    assert "not compiling" not in r.stdout + r.stderr, "a compile was started"
+    assert not (tmp_path / "temp").exists() or not any((tmp_path / "temp").rglob("*.o"))
+    # TORCH_EXT_ALLOW_STATIC_LIBSTDCXX=1: the check lets it through; the (fake) compiler is then run.
+    r = _build_ext(tmp_path, CXX=str(static), PATH=path, TORCH_EXT_ALLOW_STATIC_LIBSTDCXX="1")
+    output = r.stdout + r.stderr
+    assert r.returncode != 0 and "has no shared libstdc++ (" not in output, output
+    assert f"torch_ext: TORCH_EXT_ALLOW_STATIC_LIBSTDCXX=1: building with {static}, which has no shared" in output
+    assert "fake g++: not compiling: " in output, output[-3000:]
+    # A compiler that links libstdc++ shared passes the check.
+    r = _build_ext(tmp_path, CXX=str(good), PATH=path)
+    output = r.stdout + r.stderr
+    assert "libstdc++" not in output and "fake g++: not compiling: " in output, output[-3000:]
+
+
+def test_find_cxx_switches_from_a_static_only_cxx_to_the_first_good_compiler(tmp_path, compilers):
+    static, good = compilers
+    r = run_script("--find-cxx", env=cxx_env(tmp_path, f"{good.parent}:/usr/bin:/bin", CXX=str(static)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines() == [
+        f"CXX={good}",
+        f"CC={good.parent / 'gcc'}",
+        f"why: switched from {static} ($CXX): it has no shared libstdc++ ({static} -print-file-name=libstdc++.so "
+        "finds none): an extension built with it crashes on its first error message",
+        f"compiler: {good} (GCC 13.3.0), libstdc++ shared ({good.parent.parent}/lib/libstdc++.so)",
+    ]
+    # The system's compiler (here the fake good one) before a static-only g++ first on PATH.
+    env = cxx_env(tmp_path, f"{static.parent}:/usr/bin:/bin", CXX=str(static), TORCH_EXT_SYSTEM_CXX=str(good))
+    r = run_script("--find-cxx", env=env)
+    assert r.returncode == 0 and r.stdout.startswith(f"CXX={good}\nCC={good.parent / 'gcc'}\n"), r.stdout + r.stderr
+    # A good $CXX is kept, CC untouched.
+    r = run_script("--find-cxx", env=cxx_env(tmp_path, f"{static.parent}:/usr/bin:/bin", CXX=str(good)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[:2] == [f"CXX={good}", f"why: kept {good} ($CXX): it links libstdc++ shared"]
+
+
+def test_find_cxx_without_a_good_compiler_fails_and_says_why(tmp_path, compilers):
+    static, _ = compilers
+    path = f"{static.parent}:{tools_without_compilers(tmp_path)}"
+    r = run_script("--find-cxx", env=cxx_env(tmp_path, path, CXX=str(static)))
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"no C++ compiler links libstdc++ shared: {static} ($CXX): it has no shared libstdc++ ")
+    assert f"tried: {static}: no shared libstdc++" in line and f"{tmp_path}/no-system-cxx: not found" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: no need to pretend one")
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is not None, reason="compute-sanitizer is installed here")
+def test_preflight_builds_with_a_good_compiler_and_says_so(tmp_path, compilers):
+    """With a GPU pretended, $CXX static-only: the preflight switches CXX and CC and prints why
+    (summary.txt); with no good compiler anywhere it fails (exit 2) before any step."""
+    if not _has_toolkit():
+        pytest.skip("no CUDA toolkit here: the preflight would stop first")
+    static, good = compilers
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAKE_GPU_SITECUSTOMIZE)
+    pythonpath = os.pathsep.join([str(site), str(ROOT)])
+    system_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if "cuda" not in p)
+    env = cxx_env(tmp_path, f"{good.parent}:{system_path}", CXX=str(static), PYTHONPATH=pythonpath)
+    out = tmp_path / "out"
+    r = run_script(str(out), "memcheck", env=env, timeout=120)
+    summary = (out / "summary.txt").read_text()
+    assert (f"C++ compiler: CXX={good} CC={good.parent / 'gcc'}, switched from {static} ($CXX): it has no shared "
+            f"libstdc++ ({static} -print-file-name=libstdc++.so finds none)") in summary, summary
+    assert f"C++ compiler: {good} (GCC 13.3.0), libstdc++ shared ({good.parent.parent}/lib/libstdc++.so)" in summary
+    assert "=== memcheck" in summary, r.stdout + r.stderr
+    # No compiler that links libstdc++ shared: the preflight fails, no step runs.
+    tools = tools_without_compilers(tmp_path)
+    for name in ("timeout", "tee", "grep", "sed", "mktemp", "mkdir", "date", "hostname", "nproc", "rm", "head", "tail"):
+        (tools / name).symlink_to(shutil.which(name))
+    toolkit = os.path.realpath(found_cuda_home(run_script("--find-cuda")))
+    env = cxx_env(tmp_path, f"{static.parent}:{tools}", CXX=str(static), PYTHONPATH=pythonpath,
+                  TORCH_EXT_DEFAULT_CUDA=toolkit)
+    r = run_script(str(out), "memcheck", env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    summary = (out / "summary.txt").read_text()
+    assert f"no C++ compiler links libstdc++ shared: {static} ($CXX): it has no shared libstdc++" in summary, summary
+    assert "gpu_check: FAILED: no C++ compiler that links libstdc++ shared (see above)" in summary
+    assert "=== memcheck" not in summary
+
+
+# --------------------------------------------------------------------------
+# The pytest step runs -m cuda: every test that runs on the GPU carries the
+# marker (tests/conftest.py sets it on test_cuda.py and on the "cuda" device
+# cases; the others write it). Checked by collecting the suite twice, with a
+# GPU pretended and with none: a test that runs only where a GPU is (skipped
+# without, or collected only with) must be marked.
+
+_MARKS_PLUGIN = """
+import json, os, re
+import pytest
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    out = {}
+    for item in items:
+        skipped = any(not m.args or (not isinstance(m.args[0], str) and bool(m.args[0]))
+                      for m in item.iter_markers("skipif")) or any(True for _ in item.iter_markers("skip"))
+        node = re.sub(r" at 0x[0-9a-f]+", "", item.nodeid)  # the same id in both runs
+        out[node] = {"skipped": skipped, "cuda": item.get_closest_marker("cuda") is not None}
+    with open(os.environ["MARKS_OUT"], "w") as f:
+        json.dump(out, f)
+"""
+
+_GPU_OR_NOT = """
+import torch.cuda as cuda
+cuda.is_available = lambda: {gpu}
+cuda.device_count = lambda: {count}
+import torch_ext
+torch_ext.built_with_cuda = lambda: {gpu}
+"""
+
+
+def _collected_marks(tmp_path: Path, gpu: bool) -> dict:
+    folder = tmp_path / ("gpu" if gpu else "cpu")
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(_GPU_OR_NOT.format(gpu=gpu, count=int(gpu)))
+    (folder / "marks_plugin.py").write_text(_MARKS_PLUGIN)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(folder), str(ROOT)]), MARKS_OUT=str(folder / "marks.json"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        "-p", "marks_plugin"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads((folder / "marks.json").read_text())
+
+
+def test_every_test_that_needs_a_gpu_is_marked_cuda(tmp_path):
+    with_gpu, without = _collected_marks(tmp_path, True), _collected_marks(tmp_path, False)
+    unmarked = sorted(
+        node for node, m in with_gpu.items()
+        if not m["cuda"] and not m["skipped"] and (node not in without or without[node]["skipped"])
+    )
+    assert not unmarked, f"tests that need a GPU but are not marked cuda (gpu_check.sh would not run them): {unmarked}"
+    marked = [node for node, m in with_gpu.items() if m["cuda"]]
+    assert all(with_gpu[n]["cuda"] for n in with_gpu if n.startswith("tests/test_cuda.py::"))
+    assert not [n for n in marked if n.startswith("tests/test_gpu_check.py::")]
+    # Beyond test_cuda.py: the device cases and the tests written with the marker.
+    assert any(n.startswith("tests/test_train.py::test_cuda_amp_training") for n in marked)
+    assert any(n.startswith("tests/test_codes.py::") and "cuda" in n for n in marked)
+    # The pytest step's --min-tests is a floor under what it selects.
+    floor = re.search(r'check_junit\.py --min-tests (\d+) "\$OUT/pytest_cuda\.xml"', SCRIPT.read_text())
+    assert floor and int(floor.group(1)) <= len(marked), (floor and floor.group(1), len(marked))
 
 
 # --------------------------------------------------------------------------
@@ -377,6 +668,28 @@ def test_check_junit_refuses_pytests_own_junit_of_the_cuda_tests_here(tmp_path):
     # The multi-GPU test's own reason is the allowed one; it cannot make up for the rest.
     assert "1 skipped (allowed: multi-GPU)" in r.stdout
     assert "skipped, allowed: tests.test_cuda::test_second_gpu_while_the_first_is_current: needs two GPUs" in r.stdout
+    assert "skipped, not allowed: ... and " in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the CUDA tests would run, not skip")
+def test_check_junit_refuses_the_pytest_steps_selection_here(tmp_path):
+    """The pytest step's own selection (every test marked cuda, all of tests/), run here without a
+    GPU: everything skips, and check_junit.py refuses it."""
+    xml = tmp_path / "cuda.xml"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests", "-m", "cuda", "-q", "-p", "no:cacheprovider",
+         "--continue-on-collection-errors", f"--junitxml={xml}"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:]  # all skipped, none failed
+    r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(xml)], capture_output=True, text=True)
+    assert r.returncode == 1 and "0 passed" in r.stdout, r.stdout
+    # Beyond test_cuda.py: the tests of other files that run on the GPU, each a refused skip.
+    cases = {(c.get("classname"), c.get("name")): c for c in ET.parse(xml).iter("testcase")}
+    for key in (("tests.test_train", "test_cuda_amp_training[bf16]"),
+                ("tests.test_export", "test_compiled_training_step_matches_eager_cuda_inductor"),
+                ("tests.test_weight_quantization", "test_cuda_matches_cpu[binary_mean_scaling_quantize]")):
+        assert key in cases and cases[key].find("skipped") is not None, (key, sorted(cases)[:5])
     assert "skipped, not allowed: ... and " in r.stdout
 
 

@@ -1207,6 +1207,7 @@ def test_refuses_non_tensor_x():
 # Devices: a gradient on another device than its tensor.
 
 
+@pytest.mark.cuda
 @requires_cuda
 def test_cpu_tensor_with_cuda_gradient_is_refused():
     x = random_values((10,), torch.float32).requires_grad_()

@@ -88,8 +88,8 @@ def venv(packages):
 def test_sdist_holds_every_file_needed_to_build(packages):
     with tarfile.open(packages["sdist"]) as tar:
         names = {"/".join(n.split("/")[1:]) for n in tar.getnames()}
-    needed = _tracked(("csrc/", "cuda/", "torch_ext/", "requirements/")) + ["setup.py", "scripts/cuda_toolkit.py",
-                                                                           "MANIFEST.in", "README.md"]
+    needed = _tracked(("csrc/", "cuda/", "torch_ext/", "requirements/")) + [
+        "setup.py", "scripts/cuda_toolkit.py", "scripts/cxx_toolchain.py", "MANIFEST.in", "README.md"]
     missing = sorted(set(needed) - names)
     assert not missing, f"the sdist lacks {missing}"
 

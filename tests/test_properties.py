@@ -307,6 +307,7 @@ def test_ties_dense(dtype, bit, max_value, seed, device):
     assert_bit_exact(leaf.grad, reference_backward(torch.ones_like(x).cpu(), x.cpu(), max_value))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA: the CUDA-vs-CPU property needs a GPU")
 @given(inputs(devices=("cuda",)), st.integers(0, 2**32 - 1))
 def test_cuda_equals_cpu(case, seed):

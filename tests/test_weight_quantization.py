@@ -127,6 +127,7 @@ def test_under_torch_compile(quantize):
     assert torch.equal(grad, torch.full_like(w, 2.0))
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize(
     "quantize", [binary_mean_scaling_quantize, binary_channel_wise_mean_scaling_quantize]
