@@ -1,18 +1,24 @@
 """Smoke test of ``python -m torch_ext.bench``: it runs, and its JSON is complete.
 
 Speed is never asserted here: only that every case ran and that the saved
-mask is 1/8 byte per element.
+mask is 1/8 byte per element; and that ``--learnable`` and ``--deploy``
+honour the options they accept and refuse, in one line, those they cannot.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 torch = pytest.importorskip("torch")
 bench = pytest.importorskip("torch_ext.bench")
+bench_learnable = pytest.importorskip("torch_ext.bench_learnable")
 
-# About half a minute (torch.compile and two LMNet steps run inside).
-pytestmark = pytest.mark.slow
+# The operator and training-step benchmarks: about half a minute (torch.compile
+# and two LMNet steps run inside). The --learnable/--deploy tests are fast.
+slow = pytest.mark.slow
 
 # Candidates that must run everywhere; torch.compile may be unavailable (no
 # C++ compiler), so composite_compiled may be n/a, but then with its reason.
@@ -27,6 +33,7 @@ def report(tmp_path_factory):
         return json.load(f)
 
 
+@slow
 @pytest.mark.timeout(300)
 def test_every_candidate_and_op_is_reported(report):
     results = report["results"]
@@ -52,6 +59,7 @@ def test_every_candidate_and_op_is_reported(report):
                     assert r["torch_ext_ratio"] == pytest.approx(ext["median_s"] / r["median_s"])
 
 
+@slow
 @pytest.mark.timeout(300)
 def test_saved_bytes_per_element(report):
     for r in report["results"]:
@@ -72,6 +80,7 @@ def test_saved_bytes_per_element(report):
             assert r["saved_bytes_per_element"] == 0, r
 
 
+@slow
 @pytest.mark.timeout(300)
 def test_copy_bandwidth_and_train_step(report):
     assert report["copy_bandwidth_gbps"]["cpu"] > 0
@@ -82,6 +91,7 @@ def test_copy_bandwidth_and_train_step(report):
     assert train["ratio_quantized_over_float"] > 0
 
 
+@slow
 @pytest.mark.timeout(300)
 def test_channels_last_rows_and_the_amp_channels_last_training_step(tmp_path):
     path = tmp_path / "cl.json"
@@ -100,6 +110,7 @@ def test_channels_last_rows_and_the_amp_channels_last_training_step(tmp_path):
     assert "targets" in doc  # the final document, not a partial one
 
 
+@slow
 @pytest.mark.timeout(300)
 def test_resnet_like_training_step(tmp_path):
     """--train-models: LmResnet with QuantActivation (float weights) against LmResnet, as gpu_check.sh runs it."""
@@ -144,3 +155,157 @@ def test_bad_options_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--devices cuda: no CUDA device is visible"):
             bench.main(["--devices", "cuda"])
+
+
+# --------------------------------------------------------------------------
+# --learnable (torch_ext.bench_learnable) and --deploy.
+
+
+@pytest.fixture
+def keep_threads():
+    """The benchmarks set torch's thread count: put it back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _headers(text):
+    return [line for line in text.splitlines() if line.startswith("forward+backward, ")]
+
+
+def _check_records(records, device, size, dtype):
+    got = {r["row"]: r for r in records if (r["device"], r["size"], r["dtype"]) == (device, size, dtype)}
+    assert set(got) == set(bench_learnable.ROWS), (device, size, dtype)
+    fixed, relu = got["fixed"]["ms"], got["relu"]["ms"]
+    for row, r in got.items():
+        if r["status"] != "ok":
+            # torch's learnable fake-quantize may lack a dtype; then it says why.
+            assert row == "torch_fq" and r["reason"], r
+            continue
+        assert r["ms"] > 0 and r["min_ms"] > 0 and r["samples_ms"], r
+        assert r["ratio_to_fixed"] == pytest.approx(r["ms"] / fixed), r
+        assert r["ratio_to_relu"] == pytest.approx(r["ms"] / relu), r
+    assert got["fixed"]["ratio_to_fixed"] == 1.0
+    return got
+
+
+def test_learnable_honours_devices_sizes_dtypes_repeats_threads_json(tmp_path, capsys, keep_threads):
+    path = tmp_path / "learnable.json"
+    assert bench.main(["--learnable", "--devices", "cpu", "--sizes", "64K,128K", "--repeats", "1", "--warmup", "0",
+                       "--threads", "1", "--dtypes", "float32,bfloat16", "--json", str(path)]) == 0
+    headers = _headers(capsys.readouterr().out)
+    assert len(headers) == 4, headers  # one per dtype and size
+    for dtype in ("float32", "bfloat16"):
+        for size, name in ((65536, "64K"), (131072, "128K")):
+            (h,) = [h for h in headers if f"{name} ({size}) {dtype} elements" in h]
+            assert ", cpu, 1 threads, median of 1 interleaved rounds (warm-up 0)" in h, h
+    with open(path) as f:
+        doc = json.load(f)
+    assert doc["meta"]["threads"] == 1 and doc["meta"]["repeats"] == 1 and doc["meta"]["warmup"] == 0
+    records = doc["results"]
+    assert len(records) == 2 * 2 * len(bench_learnable.ROWS)
+    for dtype in ("float32", "bfloat16"):
+        for size in (65536, 131072):
+            got = _check_records(records, "cpu", size, dtype)
+            assert all(r["repeats"] == 1 and len(r["samples_ms"]) == 1 for r in got.values() if r["status"] == "ok")
+
+
+def test_learnable_quick_and_its_printed_ratios(capsys, keep_threads):
+    assert bench.main(["--learnable", "--quick", "--devices", "cpu", "--dtypes", "bfloat16", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    (h,) = _headers(out)
+    assert "64K (65536) bfloat16 elements" in h and "1 threads, median of 3 interleaved rounds (warm-up 1)" in h, h
+    rows = {line.split()[0]: line for line in out.splitlines()[1:] if line.startswith("  ")}
+    assert set(rows) == set(bench_learnable.ROWS)
+    for row in ("fixed", "pact", "lsq"):
+        assert "x fixed" in rows[row] and "x relu" in rows[row], rows[row]
+    assert "x fixed" in rows["relu"] and "x relu" not in rows["relu"]
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--layouts", "channels_last"], "--layouts channels_last"),
+    (["--layouts", "contiguous,channels_last"], "--layouts channels_last"),
+    (["--train-batch", "4"], "--train-batch"),
+    (["--train-repeats", "2"], "--train-repeats"),
+    (["--train-amp", "bfloat16"], "--train-amp"),
+    (["--train-channels-last"], "--train-channels-last"),
+    (["--train-models", "lm_resnet"], "--train-models"),
+    (["--no-train-step"], "--train-step/--no-train-step"),
+    (["--only-train-step"], "--only-train-step"),
+    (["--dtypes", "float16"], "--dtypes float16"),
+    (["--deploy"], "--deploy"),
+])
+def test_learnable_refuses_what_it_cannot_honour(options, named):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--learnable", "--sizes", "64K", "--repeats", "1"] + options)
+    message = str(exc.value.code)
+    assert message.startswith(f"--learnable: cannot honour {named}: "), message
+    assert "\n" not in message
+
+
+def test_a_refused_option_is_one_line_and_a_nonzero_exit():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "torch_ext.bench", "--learnable", "--sizes", "64K",
+                           "--train-batch", "4"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == "--learnable: cannot honour --train-batch: it times no training step"
+
+
+def test_deploy_forwards_threads_repeats_json(monkeypatch, tmp_path):
+    from torch_ext.deploy import bench as deploy_bench
+
+    calls = []
+    monkeypatch.setattr(deploy_bench, "main", lambda argv=None: calls.append(list(argv)) or {})
+    path = str(tmp_path / "deploy.json")
+    assert bench.main(["--deploy", "--repeats", "2", "--threads", "1", "--json", path, "--devices", "cpu"]) == 0
+    assert bench.main(["--deploy"]) == 0
+    assert calls == [["--threads", "1", "--repeats", "2", "--json", path], []]
+
+
+@pytest.mark.parametrize("options, named", [
+    (["--sizes", "64K"], "--sizes"),
+    (["--warmup", "1"], "--warmup"),
+    (["--dtypes", "float32"], "--dtypes"),
+    (["--layouts", "contiguous"], "--layouts"),
+    (["--quick"], "--quick"),
+    (["--devices", "cpu,cuda"], "--devices cuda"),
+    (["--train-batch", "4"], "--train-batch"),
+])
+def test_deploy_refuses_what_it_cannot_honour(monkeypatch, options, named):
+    from torch_ext.deploy import bench as deploy_bench
+
+    monkeypatch.setattr(deploy_bench, "main", lambda argv=None: pytest.fail("ran despite a refused option"))
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--deploy"] + options)
+    message = str(exc.value.code)
+    assert message.startswith(f"--deploy: cannot honour {named}: "), message
+    assert "\n" not in message
+
+
+def test_bench_learnable_cli_bfloat16_and_json(tmp_path, capsys, keep_threads):
+    path = tmp_path / "bl.json"
+    medians = bench_learnable.main(["--numel", "64K", "--repeats", "1", "--threads", "1", "--dtype", "bfloat16",
+                                    "--json", str(path)])
+    (h,) = _headers(capsys.readouterr().out)
+    assert "64K (65536) bfloat16 elements, bit=2, cpu, 1 threads, median of 1 interleaved rounds" in h, h
+    with open(path) as f:
+        records = json.load(f)["results"]
+    assert len(records) == len(bench_learnable.ROWS)
+    got = _check_records(records, "cpu", 65536, "bfloat16")
+    assert medians == {row: r["ms"] for row, r in got.items() if r["status"] == "ok"}
+    assert {"fixed", "pact", "lsq", "relu", "copy"} <= set(medians)
+
+
+def test_bench_learnable_defaults_are_unchanged(monkeypatch, keep_threads):
+    """The own CLI's defaults (16M float32 elements, 2 threads, 15 rounds, cpu), without running them."""
+    seen = {}
+
+    def fake_benchmark(devices, sizes, dtypes, repeats, warmup, threads, bit, json_path, **kw):
+        seen.update(devices=devices, sizes=sizes, dtypes=dtypes, repeats=repeats, threads=threads, bit=bit)
+        return {"results": []}
+
+    monkeypatch.setattr(bench_learnable, "benchmark", fake_benchmark)
+    assert bench_learnable.main([]) == {}
+    assert seen == {"devices": ["cpu"], "sizes": [1 << 24], "dtypes": ["float32"], "repeats": 15, "threads": 2,
+                    "bit": 2}

@@ -675,16 +675,21 @@ def _print_targets(targets: Sequence[Dict[str, object]], out=sys.stdout) -> None
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m torch_ext.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=_csv, default=None,
-                   help="comma-separated: cpu,cuda (default: cpu, and cuda when one is visible)")
-    p.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="default: float32,bfloat16")
+                   help="comma-separated: cpu,cuda (default: cpu, and cuda when one is visible; --deploy: cpu only)")
+    p.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"],
+                   help="default: float32,bfloat16 (--learnable: float32; it times float32 and bfloat16)")
     p.add_argument("--sizes", type=lambda s: [_parse_size(t) for t in _csv(s)], default=None,
-                   help="element counts, K/M/G suffixes allowed (default: 64K,16M on CPU; 64K,256M on CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 9 CPU, 30 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per candidate (default 2 CPU, 5 CUDA)")
+                   help="element counts, K/M/G suffixes allowed (default: 64K,16M on CPU; 64K,256M on CUDA; "
+                        "--learnable: 16M)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed rounds per case (default 9 CPU, 30 CUDA; --learnable 15; --deploy 30)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up calls per candidate (default 2 CPU, 5 CUDA; --learnable 1)")
     p.add_argument("--reuse-freed-memory", action="store_true",
                    help="CPU: make glibc reuse freed blocks (as jemalloc/tcmalloc do) instead of mapping each "
                         "large output afresh, so that page faults do not hide the kernels' cost")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's; --learnable and --deploy: 2)")
     p.add_argument("--quick", action="store_true", help="a fast smoke run: small size, few rounds, tiny batch")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
     p.add_argument("--train-step", dest="train_step", action="store_true", default=None,
@@ -707,11 +712,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true",
                    help="leave out the torch.compile'd composite (its compilation takes tens of seconds a case)")
     p.add_argument("--learnable", action="store_true",
-                   help="benchmark the learnable max_value (PACT, LSQ) against the fixed operator and torch's "
-                        "learnable fake-quantize instead (torch_ext.bench_learnable)")
+                   help="benchmark the learnable max_value (PACT, LSQ) against the fixed operator, torch's "
+                        "learnable fake-quantize, relu and copy instead (torch_ext.bench_learnable); honours "
+                        "--devices, --sizes, --dtypes, --repeats, --warmup, --threads, --quick, --json, "
+                        "--reuse-freed-memory and refuses the options it cannot honour")
     p.add_argument("--deploy", action="store_true",
                    help="benchmark the deployed (bit-packed) LMNet against the float and fake-quantized models "
-                        "instead (torch_ext.deploy.bench)")
+                        "instead (torch_ext.deploy.bench); honours --threads, --repeats, --json, --devices cpu, "
+                        "--reuse-freed-memory and refuses the options it cannot honour")
     return p
 
 
@@ -825,20 +833,115 @@ def _meta(args: argparse.Namespace, argv: Optional[Sequence[str]], devices: List
     }
 
 
+# --------------------------------------------------------------------------
+# The other modes (--learnable, --deploy): each honours the options it can
+# and refuses the others, naming them, rather than ignoring them.
+
+_UNSET = object()
+
+# What each mode cannot honour, whatever the value: option dest -> (the option, why).
+_TRAIN_ONLY = "it times no training step"
+_TRAIN_OPTIONS = {
+    "train_step": ("--train-step/--no-train-step", _TRAIN_ONLY),
+    "only_train_step": ("--only-train-step", _TRAIN_ONLY),
+    "train_batch": ("--train-batch", _TRAIN_ONLY),
+    "train_repeats": ("--train-repeats", _TRAIN_ONLY),
+    "train_amp": ("--train-amp", _TRAIN_ONLY),
+    "train_channels_last": ("--train-channels-last", _TRAIN_ONLY),
+    "train_models": ("--train-models", _TRAIN_ONLY),
+}
+_LEARNABLE_REFUSES = {
+    "deploy": ("--deploy", "choose one of --learnable and --deploy"),
+    **_TRAIN_OPTIONS,
+}
+_DEPLOY_REFUSES = {
+    "sizes": ("--sizes", "it times LMNet at batch sizes 1 and 64 (python -m torch_ext.deploy.bench --batch-sizes)"),
+    "dtypes": ("--dtypes", "it times its float32 models only"),
+    "layouts": ("--layouts", "it times images in the models' own layout"),
+    "warmup": ("--warmup", "its warm-up is fixed at 2 calls a candidate"),
+    "quick": ("--quick", "it has no quick mode (python -m torch_ext.deploy.bench --batch-sizes 1 --repeats 3 "
+                         "--no-onnx)"),
+    **_TRAIN_OPTIONS,
+}
+
+
+def _given(argv: Optional[Sequence[str]]) -> Dict[str, object]:
+    """The options given on the command line (dest -> value), defaults left out."""
+    parser = _parser()
+    dests = vars(parser.parse_args(argv))
+    ns = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
+    return {dest: value for dest, value in vars(ns).items() if value is not _UNSET}
+
+
+def _refuse(mode: str, given: Dict[str, object], refused: Dict[str, Tuple[str, str]]) -> None:
+    for dest in given:
+        if dest in refused:
+            option, why = refused[dest]
+            raise SystemExit(f"{mode}: cannot honour {option}: {why}")
+
+
+def _run_learnable(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    from torch_ext import bench_learnable  # only this mode needs it
+
+    given = _given(argv)
+    _refuse("--learnable", given, _LEARNABLE_REFUSES)
+    other = [layout for layout in args.layouts if layout != "contiguous"]
+    if other:
+        raise SystemExit(f"--learnable: cannot honour --layouts {','.join(other)}: it times contiguous vectors only")
+    dtypes = args.dtypes if "dtypes" in given else ["float32"]
+    other = [d for d in dtypes if d not in bench_learnable.DTYPES]
+    if other:
+        raise SystemExit(f"--learnable: cannot honour --dtypes {','.join(other)}: it times "
+                         f"{', '.join(bench_learnable.DTYPES)}")
+    devices = _devices(args.devices)
+    quick = {"sizes": list(_QUICK_SIZES), "repeats": 3, "warmup": 1} if args.quick else {}
+    sizes = args.sizes or quick.get("sizes") or [bench_learnable.DEFAULT_NUMEL]
+    repeats = args.repeats if args.repeats is not None else quick.get("repeats", bench_learnable.DEFAULT_REPEATS)
+    warmup = args.warmup if args.warmup is not None else quick.get("warmup", bench_learnable.DEFAULT_WARMUP)
+    threads = args.threads if args.threads is not None else bench_learnable.DEFAULT_THREADS
+    reuse = None
+    if args.reuse_freed_memory:
+        failure = _reuse_freed_memory()
+        reuse = failure is None
+        if failure:
+            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    bench_learnable.benchmark(devices, sizes, dtypes, repeats, warmup, threads, BIT, args.json,
+                              meta={"argv": list(argv) if argv is not None else sys.argv[1:],
+                                    "reuse_freed_memory": reuse})
+    if args.json:
+        _log(f"wrote {args.json}")
+    return 0
+
+
+def _run_deploy(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> int:
+    from torch_ext.deploy import bench as deploy_bench  # only this mode needs it
+
+    given = _given(argv)
+    _refuse("--deploy", given, _DEPLOY_REFUSES)
+    other = [d for d in (args.devices or []) if d != "cpu"]
+    if other:
+        raise SystemExit(f"--deploy: cannot honour --devices {','.join(other)}: the deployed model runs on the CPU "
+                         "only")
+    if args.reuse_freed_memory:
+        failure = _reuse_freed_memory()
+        if failure:
+            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    forwarded: List[str] = []
+    for option, value in (("--threads", args.threads), ("--repeats", args.repeats), ("--json", args.json)):
+        if value is not None:
+            forwarded += [option, str(value)]
+    deploy_bench.main(forwarded)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m torch_ext.bench``: print the tables (and write ``--json``); returns the exit status."""
     args = _parser().parse_args(argv)
     _check_args(args)
-    if args.deploy:
-        from torch_ext.deploy import bench as deploy_bench  # only this mode needs it
-
-        deploy_bench.main(["--json", args.json] if args.json else [])
-        return 0
     if args.learnable:
-        from torch_ext import bench_learnable  # only this mode needs it
-
-        bench_learnable.main(["--threads", str(args.threads)] if args.threads else [])
-        return 0
+        return _run_learnable(args, argv)
+    if args.deploy:
+        return _run_deploy(args, argv)
     devices = _devices(args.devices)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
