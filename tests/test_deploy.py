@@ -258,6 +258,7 @@ def _escape(text: str) -> str:
     return re.escape(text)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to pass a tensor of another device")
 def test_cuda_tensor_is_refused():
     codes = torch.zeros(1, 3, 2, 2, dtype=torch.uint8, device="cuda")
@@ -609,20 +610,26 @@ def test_deploy_command_converts_a_training_checkpoint(tmp_path):
     run = tmp_path / "run"
     train.main(["--model", "lmnet_v1_quantize", "--image-size", "8", "--batch-size", "64", "--no-progress",
                 "--device", "cpu", "--threads", "1", "--epochs", "1", "--out", str(run)])
-    out = tmp_path / "model.pt"
+    out = tmp_path / "model.pt2"
     result = main([str(run / "checkpoint.pt"), "--out", str(out), "--eval"])
-    assert out.is_file()
+    assert out.is_file() and result["format"] == "aoti"
     assert result["images"] == 360
     assert result["agreement"] >= 0.99
     assert abs(result["deployed_accuracy"] - result["pytorch_accuracy"]) <= 0.01
     assert result["float_weight_bytes"] >= 25 * result["weight_bytes"]
-    # The saved file runs in a fresh process that only imports torch_ext.
-    code = ("import torch, torch_ext; m = torch.jit.load(%r); "
-            "print(tuple(m(torch.rand(2, 1, 8, 8)).shape), sorted(m.codes(torch.rand(1, 1, 8, 8))))" % str(out))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    # The package runs in a fresh process that only imports torch_ext.
+    code = ("import torch, torch_ext; from torch_ext.deploy import package; m = package.load(%r); "
+            "print(tuple(m(torch.rand(2, 1, 8, 8)).shape))" % str(out))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr
-    assert "(2, 10)" in proc.stdout and "'conv5.act'" in proc.stdout
+    assert "(2, 10)" in proc.stdout
+    # The other formats, each evaluated and timed from the file it wrote.
+    for fmt, name in (("exported", "model_ep.pt2"), ("torchscript", "model.pt")):
+        other = main([str(run / "checkpoint.pt"), "--out", str(tmp_path / name), "--format", fmt, "--eval",
+                      "--speed-against", str(run / "checkpoint.pt")])
+        assert other["format"] == fmt and other["agreement"] >= 0.99
+        assert f"deployed ({fmt})" in other["ms_per_image"]
     # Errors: a clear message and exit status 2.
     assert cli([str(tmp_path / "missing.pt"), "--out", str(out)]) == 2
     garbage = tmp_path / "garbage.pt"
@@ -636,7 +643,8 @@ def test_bench_runs_and_reports_every_candidate():
     text = io.StringIO()
     result = bench.run(batch_sizes=(2,), threads=1, repeats=1, out=text, onnx=False)
     rows = result["batches"]["2"]
-    assert sorted(rows) == ["deployed", "deployed_script", "float_lmnet", "w1a2_pytorch"]
+    assert sorted(rows) == ["deployed", "deployed_aoti", "deployed_exported", "deployed_script", "float_lmnet",
+                            "w1a2_pytorch"]
     assert all(r["seconds"] > 0 for r in rows.values())
     assert [layer["layer"] for layer in result["layers"]["2"]] == ["conv2.act", "conv3.act", "conv4.act",
                                                                     "conv5.act", "stage9"]

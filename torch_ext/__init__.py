@@ -12,7 +12,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from . import _C  # registers the torch.ops.torch_ext operators
 from . import _meta  # noqa: F401  (their fake kernels)
 from .codes import code_dtype, codes_to_values, quantize_to_codes
-from .export import export_onnx, run_onnx
+from .export import export_aoti, export_onnx, run_onnx
 from .modules import QuantActivation
 from .ops import linear_mid_tread_half_quantize, linear_mid_tread_half_quantize_, linear_mid_tread_half_quantize_learnable
 from .quant_conv import QuantConv2d
@@ -36,6 +36,7 @@ __all__ = [
     "built_with_cuda",
     "code_dtype",
     "codes_to_values",
+    "export_aoti",
     "export_onnx",
     "linear_mid_tread_half_quantize",
     "linear_mid_tread_half_quantize_",

@@ -49,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["export_onnx", "export_trained_model", "onnx_translation_table", "run_onnx"]
+__all__ = ["export_aoti", "export_onnx", "export_trained_model", "onnx_translation_table", "run_onnx"]
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 
@@ -345,6 +345,37 @@ def export_trained_model(
         device = torch.device("cpu")
     example = torch.zeros(1, in_channels, image_size, image_size, device=device)
     return export_onnx(model, example, path, dynamic_batch=dynamic_batch)
+
+
+def export_aoti(
+    model: nn.Module,
+    example_inputs: Inputs,
+    path: Union[str, "os.PathLike[str]"],
+    *,
+    dynamic_batch: bool = True,
+) -> str:
+    """``torch.export`` of ``model`` (in eval mode) compiled by AOTInductor into the package ``path`` (a ``.pt2``).
+
+    The registered torch_ext operators are recorded as custom-operator nodes
+    (their fake kernels keep the batch size symbolic when ``dynamic_batch``,
+    dim 0 of the first input). Run the package in Python with
+    ``torch_ext.deploy.package.load(path)`` (or
+    ``torch._inductor.aoti_load_package`` after ``import torch_ext``), in
+    LibTorch with ``torch::inductor::AOTIModelPackageLoader`` in a process
+    linked with libtorch_ext. Needs a C++ compiler (AOTInductor compiles the
+    model); returns ``path``.
+    """
+    from torch_ext.deploy import package  # the writer of deployed models, shared
+
+    inputs = _as_tuple(example_inputs)
+    if len(inputs) != 1:
+        raise ValueError(f"export_aoti: one input tensor expected, got {_describe(inputs)}")
+    was_training = model.training
+    model.eval()
+    try:
+        return package.write(model, inputs[0], os.fspath(path), "aoti", dynamic_batch=dynamic_batch)
+    finally:
+        model.train(was_training)
 
 
 # --------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""``python -m torch_ext.deploy CHECKPOINT --out model.pt [--eval]``: a training checkpoint as a deployed model.
+"""``python -m torch_ext.deploy CHECKPOINT --out model.pt2 [--eval]``: a training checkpoint as a deployed model.
 
 Loads a checkpoint written by ``python -m torch_ext.train``, converts its
-model with :func:`torch_ext.deploy.convert` and saves it as TorchScript
-(``torch.jit.load`` in Python after ``import torch_ext``, or
-``torch::jit::load`` in LibTorch linked with libtorch_ext). ``--eval``
-scores the deployed model on the checkpoint's test set next to the PyTorch
+model with :func:`torch_ext.deploy.convert` and writes it (``--format``,
+:mod:`torch_ext.deploy.package`): an AOTInductor package by default (a
+``.pt2``: ``torch_ext.deploy.package.load`` in Python after ``import
+torch_ext``, ``torch::inductor::AOTIModelPackageLoader`` in LibTorch linked
+with libtorch_ext), an ExportedProgram (``exported``), or TorchScript
+(``torchscript``, deprecated from torch 2.14 on). ``--eval`` scores the
+written model, loaded back, on the checkpoint's test set next to the PyTorch
 model it came from: accuracy, agreement of the predictions, weight bytes.
 """
 
@@ -19,7 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .converter import DeployedModel, convert
+from . import package
+from .converter import DeployedModel, convert, float_weight_bytes
 
 
 def load_trained_model(path: str) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -67,15 +71,14 @@ def evaluate(deployed: nn.Module, model: nn.Module, images: torch.Tensor, labels
     }
 
 
-def float_weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers as trained (float32)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m torch_ext.deploy", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint of python -m torch_ext.train")
-    parser.add_argument("--out", required=True, help="where to write the TorchScript model (.pt)")
+    parser.add_argument("--out", required=True,
+                        help="where to write the deployed model (.pt2; .pt for --format torchscript)")
+    parser.add_argument("--format", choices=package.FORMATS, default="aoti",
+                        help="aoti: torch.export + AOTInductor package (default); exported: the ExportedProgram "
+                             "(no compiler needed); torchscript: torch.jit.script (deprecated in torch 2.14)")
     parser.add_argument("--eval", action="store_true", help="score the deployed model on the test set")
     parser.add_argument("--data-dir", default=None, help="data folder (default: the one the checkpoint names)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -93,38 +96,42 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise FileNotFoundError(f"--out={str(out)!r}: folder {str(out.parent)!r} does not exist")
-    scripted = torch.jit.script(deployed)
-    scripted.save(str(out))
+    if args.format == "torchscript":
+        print("python -m torch_ext.deploy: note: TorchScript is deprecated from torch 2.14 on; "
+              "the default --format aoti writes a torch.export/AOTInductor package", file=sys.stderr)
+    example = torch.rand(2, saved["in_channels"], image_size, image_size)
+    package.write(deployed, example, str(out), args.format)
     result: Dict[str, Any] = {
         "out": str(out),
+        "format": args.format,
         "model": saved["model"],
         "weight_bytes": deployed.weight_bytes(),
         "float_weight_bytes": float_weight_bytes(model),
     }
-    print(f"{args.checkpoint}: {saved['model']} -> {out} ({len(deployed.stages)} stages; weights "
+    print(f"{args.checkpoint}: {saved['model']} -> {out} ({args.format}, {len(deployed.stages)} stages; weights "
           f"{result['weight_bytes']} bytes, {result['float_weight_bytes']} as float32: "
           f"{result['float_weight_bytes'] / max(result['weight_bytes'], 1):.1f}x smaller)")
     if args.eval:
         images, labels = _test_images(saved, args.data_dir)
-        loaded = torch.jit.load(str(out))
+        loaded = package.load(str(out))
         result.update(evaluate(loaded, model, images, labels))
         print(f"test set of {saved['dataset']} ({result['images']} images): deployed accuracy "
               f"{100 * result['deployed_accuracy']:.2f}%, PyTorch model {100 * result['pytorch_accuracy']:.2f}%, "
               f"predictions agree on {100 * result['agreement']:.2f}%")
     if args.speed_against:
-        result.update(_speed(torch.jit.load(str(out)), model, args.speed_against, saved))
+        result.update(_speed(package.load(str(out)), model, args.speed_against, saved, args.format))
     return result
 
 
-def _speed(deployed: nn.Module, model: nn.Module, other_path: str, saved: Dict[str, Any],
+def _speed(deployed, model: nn.Module, other_path: str, saved: Dict[str, Any], fmt: str,
            batch: int = 64, repeats: int = 15) -> Dict[str, Any]:
     """Median seconds an image of the deployed model, the source model and another checkpoint's model."""
-    from torch_ext.bench import interleaved_medians
+    from torch_ext._timing import interleaved_medians
 
     other, other_saved = load_trained_model(other_path)
     size = saved.get("image_size") or 32
     images = torch.rand(batch, saved["in_channels"], size, size, generator=torch.Generator().manual_seed(0))
-    calls = {"deployed": deployed, saved["model"]: model, f"{other_saved['model']} (other)": other}
+    calls = {f"deployed ({fmt})": deployed, saved["model"]: model, f"{other_saved['model']} (other)": other}
     with torch.no_grad():
         medians = interleaved_medians({name: functools.partial(fn, images) for name, fn in calls.items()},
                                       torch.device("cpu"), repeats, 2)
@@ -132,7 +139,8 @@ def _speed(deployed: nn.Module, model: nn.Module, other_path: str, saved: Dict[s
     other_name = f"{other_saved['model']} (other)"
     print(f"speed, batch {batch}, {torch.get_num_threads()} threads, medians of {repeats} interleaved rounds: "
           + ", ".join(f"{name} {1e3 * t:.3f} ms an image" for name, t in per_image.items())
-          + f"; deployed is {per_image[other_name] / per_image['deployed']:.2f}x faster than {other_saved['model']}")
+          + f"; deployed is {per_image[other_name] / per_image[f'deployed ({fmt})']:.2f}x faster than "
+          f"{other_saved['model']}")
     return {"ms_per_image": {name: 1e3 * t for name, t in per_image.items()}}
 
 
@@ -140,7 +148,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Like :func:`main`, printing errors as ``error: ...`` (exit status 2)."""
     try:
         main(argv)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"python -m torch_ext.deploy: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -5,8 +5,14 @@
 Candidates, all on the CPU with the same thread count, LmnetV1Quantize
 (W1A2) at 32x32, 10 classes:
 
-* ``deployed``: :func:`torch_ext.deploy.convert` of the W1A2 model, eager;
-* ``deployed_script``: the same, ``torch.jit.script``-ed (what LibTorch runs);
+* ``deployed_aoti``: :func:`torch_ext.deploy.convert` of the W1A2 model,
+  ``torch.export``-ed and compiled by AOTInductor (the ``.pt2`` that
+  ``python -m torch_ext.deploy`` writes and LibTorch runs), loaded back;
+* ``deployed_exported``: the same ExportedProgram, its module run;
+* ``deployed``: the converted model, eager;
+* ``deployed_script``: the same, ``torch.jit.script``-ed (TorchScript,
+  deprecated in torch 2.14; ``aoti=False`` leaves the package out, which
+  takes ~25 s to compile);
 * ``float_lmnet``: PyTorch eval of the float ``LmnetV1``;
 * ``w1a2_pytorch``: PyTorch eval of the W1A2 ``LmnetV1Quantize`` (float arithmetic);
 * ``w1a2_onnxruntime``: onnxruntime on ``torch_ext.export_onnx`` of the W1A2
@@ -67,7 +73,7 @@ def _load_average() -> Optional[float]:
 
 def _interleaved(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> Dict[str, float]:
     """Median seconds a call of each function, sampled round-robin (torch_ext.bench's one interleaving loop)."""
-    from torch_ext.bench import interleaved_medians
+    from torch_ext._timing import interleaved_medians
 
     return {name: median for name, (median, _) in interleaved_medians(fns, torch.device("cpu"), repeats,
                                                                        warmup).items()}
@@ -115,7 +121,7 @@ def _packed_layers(deployed, x: torch.Tensor) -> List[Dict[str, Any]]:
 
 
 def run(batch_sizes: Sequence[int] = (1, 64), threads: int = 2, repeats: int = 30,
-        out: TextIO = sys.stdout, onnx: bool = True) -> Dict[str, Any]:
+        out: TextIO = sys.stdout, onnx: bool = True, aoti: bool = True) -> Dict[str, Any]:
     """Measure the candidates and the per-layer rates; print the tables to ``out``; return the figures.
 
     ``onnx=False`` leaves out the onnxruntime candidate (its export takes a while).
@@ -123,17 +129,24 @@ def run(batch_sizes: Sequence[int] = (1, 64), threads: int = 2, repeats: int = 3
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _run(batch_sizes, threads, repeats, out, onnx)
+        return _run(batch_sizes, threads, repeats, out, onnx, aoti)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
-    from .__main__ import float_weight_bytes
+def _run(batch_sizes, threads, repeats, out, onnx, aoti) -> Dict[str, Any]:
+    import warnings
+
+    from . import package
+    from .converter import float_weight_bytes
 
     quant, flt = _models()
     deployed = convert(quant)
-    scripted = torch.jit.script(deployed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: a candidate on purpose
+        scripted = torch.jit.script(deployed)
+    example = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    exported = package.export(deployed, example).module()
     result: Dict[str, Any] = {
         "threads": threads, "repeats": repeats, "image_size": IMAGE_SIZE,
         "weight_bytes": {"deployed": deployed.weight_bytes(), "float_lmnet": float_weight_bytes(flt),
@@ -150,14 +163,20 @@ def _run(batch_sizes, threads, repeats, out, onnx) -> Dict[str, Any]:
     header = f"{'batch':>5}  {'candidate':<18} {'ms/batch':>10} {'ms/image':>10} {'float/this':>10}"
     print(header, file=out)
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        packaged = package.load(package.write(deployed, example, os.path.join(folder, "deployed.pt2"))) \
+            if aoti else None
         for batch in batch_sizes:
             x = torch.rand(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(batch))
-            fns: Dict[str, Callable[[], Any]] = {
+            fns: Dict[str, Callable[[], Any]] = {}
+            if packaged is not None:
+                fns["deployed_aoti"] = lambda: packaged(x)
+            fns.update({
+                "deployed_exported": lambda: exported(x),
                 "deployed": lambda: deployed(x),
                 "deployed_script": lambda: scripted(x),
                 "float_lmnet": lambda: flt(x),
                 "w1a2_pytorch": lambda: quant(x),
-            }
+            })
             runner = _onnx_runner(quant, batch, threads, folder) if onnx else None
             if runner is not None:
                 fns["w1a2_onnxruntime"] = lambda: runner(x)
@@ -200,11 +219,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime candidate")
+    parser.add_argument("--no-aoti", action="store_true", help="leave out the AOTInductor package (~25 s to compile)")
     args = parser.parse_args(argv)
     if args.threads < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise ValueError(f"--threads, --repeats and --batch-sizes must be >= 1, got {args.threads}, "
                          f"{args.repeats}, {args.batch_sizes}")
-    result = run(args.batch_sizes, args.threads, args.repeats, onnx=not args.no_onnx)
+    result = run(args.batch_sizes, args.threads, args.repeats, onnx=not args.no_onnx, aoti=not args.no_aoti)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -466,3 +466,8 @@ def _convert_conv(chain, i: int, scale: torch.Tensor, packed: Tuple[int, int, fl
     stages.append(st.PackedConvAffineStage(channels, conv.out_channels, weight, stride, padding,
                                            a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()))
     return j, None
+
+
+def float_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as trained (float32)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
