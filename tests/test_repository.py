@@ -1,5 +1,5 @@
 """The repository stands on its own: no path outside it, links that resolve,
-and the training package kept in readable pieces.
+the training package kept in readable pieces, and no import circle in the package.
 """
 
 import ast
@@ -63,3 +63,58 @@ def test_training_package_has_no_long_function():
                                         "checkpoint.py", "distributed.py", "report.py"}
     long = [(f.name, name, n) for f in files for name, n in _functions(f) if n > 80]
     assert not long, long
+
+
+def _imports_of(path: Path, package: str) -> set:
+    """The torch_ext modules a module imports anywhere (lazy imports inside functions included)."""
+    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    if module.endswith(".__init__"):
+        module = module[: -len(".__init__")]
+    pkg = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg.split(".")
+                base = base[: len(base) - node.level + 1]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(n for n in names if n == package or n.startswith(package + "."))
+    return found
+
+
+def test_the_package_import_graph_has_no_circle():
+    """No module of torch_ext imports, even lazily, a module that comes back to it."""
+    modules = {}
+    for path in sorted((REPO / "torch_ext").rglob("*.py")):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        modules[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    graph = {name: {m for m in _imports_of(path, "torch_ext") if m in modules and m != name}
+             for name, path in modules.items()}
+    # The package itself (torch_ext/__init__.py) is everyone's parent: leave it out.
+    graph = {name: edges - {"torch_ext"} for name, edges in graph.items() if name != "torch_ext"}
+    # A package's __init__ importing its own modules is not a circle through them.
+    circles = []
+    state = {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if nxt.startswith(node + ".") or node.startswith(nxt + "."):
+                continue
+            if state.get(nxt) == "open":
+                circles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

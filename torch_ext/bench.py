@@ -69,6 +69,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 import torch_ext
+from torch_ext._timing import _log, _parse_size, _short_reason, _size_name, _sync, interleaved_medians
 from torch_ext.reference import (
     linear_mid_tread_half_quantize_backward_reference,
     linear_mid_tread_half_quantize_reference,
@@ -90,35 +91,8 @@ _QUICK_SIZES = (1 << 16,)
 _LAYOUTS = ("contiguous", "channels_last")
 # channels_last cases are images [N, 64, 32, 32]: sizes must be multiples of 64K.
 _IMAGE_SHAPE = (64, 32, 32)
-# A sample lasts at least this long (the call is repeated within it).
-_SAMPLE_SECONDS = {"cpu": 2e-3, "cuda": 1e-3}
 
 
-_T0 = time.perf_counter()
-
-
-def _log(msg: str) -> None:
-    print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = 1
-    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if text.endswith(suffix):
-            text, scale = text[:-1], factor
-            break
-    value = int(float(text) * scale)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
-
-
-def _size_name(n: int) -> str:
-    for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{suffix}"
-    return str(n)
 
 
 def _csv(text: str) -> List[str]:
@@ -150,73 +124,6 @@ def _composite(x: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------
 # Timing.
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_once(fn: Callable[[], object], inner: int, device: torch.device) -> float:
-    """Seconds a call, averaged over ``inner`` back-to-back calls."""
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / inner
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - t0) / inner
-
-
-def _calibrate(fn: Callable[[], object], device: torch.device, warmup: int) -> int:
-    """Warm ``fn`` up and return how many calls make one sample."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    per_call = _time_once(fn, 1, device)
-    if per_call < 0.05:
-        per_call = min(per_call, _time_once(fn, 1, device))
-    target = _SAMPLE_SECONDS[device.type]
-    return max(1, min(10000, math.ceil(target / max(per_call, 1e-9))))
-
-
-def interleaved_medians(
-    fns: Dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int,
-    failed: Optional[Dict[str, str]] = None,
-) -> Dict[str, Tuple[float, List[float]]]:
-    """Median seconds a call of each function, sampled round-robin with a rotating order.
-
-    A function that raises while warming up is left out, its reason put in ``failed``.
-    """
-    if failed is None:
-        failed = {}
-    inner: Dict[str, int] = {}
-    for name, fn in fns.items():
-        try:
-            inner[name] = _calibrate(fn, device, warmup)
-        except Exception as exc:  # noqa: BLE001 - reported as n/a
-            failed[name] = _short_reason(exc)
-            _log(f"  n/a: {name}: {failed[name]}")
-    names = list(inner)
-    samples: Dict[str, List[float]] = {name: [] for name in names}
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for r in range(repeats):
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                samples[name].append(_time_once(fns[name], inner[name], device))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: (statistics.median(s), s) for name, s in samples.items()}
 
 
 def _copy_bandwidth(device: torch.device, numel: int, repeats: int, warmup: int) -> float:
@@ -299,11 +206,6 @@ def _make_candidates(compile_composite: bool = True) -> List[_Candidate]:
         _Candidate("composite_compiled", _composite),
     ]
     return [c for c in candidates if compile_composite or c.name != "composite_compiled"]
-
-
-def _short_reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _saved_for_backward(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):

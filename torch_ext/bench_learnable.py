@@ -40,7 +40,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import torch
 
 import torch_ext
-from torch_ext.bench import _parse_size, _size_name, interleaved_medians
+from torch_ext._timing import _parse_size, _size_name, interleaved_medians
 
 __all__ = ["DTYPES", "ROWS", "benchmark", "main", "run_case"]
 

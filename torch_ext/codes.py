@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .ops import validate_bit, validate_max_value
+from . import reference
 from .reference import compute_dtype
 
 __all__ = ["code_dtype", "codes_to_values", "quantize_to_codes"]
@@ -120,13 +121,8 @@ def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> 
     t = compute_dtype(x.dtype)
     m, n = _constants(t, x.device, bit, max_value)
     xt = x.to(t)
-    # c = min(max(x, 0), m), NaN kept (comparisons with NaN are false).
-    c = torch.where(xt < 0, torch.zeros((), dtype=t, device=x.device), xt)
-    c = torch.where(c > m, m, c)
-    v = torch.div(c, m)  # a fresh tensor: the steps below may work in place
-    v.mul_(n)
-    v.add_(0.5)
-    v.floor_()
+    # The formula's level (torch_ext.reference: clip, divide, multiply, add, floor), NaN -> 0.
+    v = reference.level(reference.clip(xt, m), m, n)
     v.nan_to_num_(nan=0.0)
     # Every value is now a whole number in 0..n: the cast is exact.
     return v.to(code_dtype(bit))

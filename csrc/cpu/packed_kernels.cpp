@@ -15,6 +15,7 @@
 // in software) and for AVX2 + POPCNT, picked once a call at run time like the
 // quantizer's kernels; the results are the same integers either way.
 #include "torch_ext/cpu_isa.h"
+#include "torch_ext/formula.h"
 #include "torch_ext/packed.h"
 
 #include <ATen/ATen.h>
@@ -758,9 +759,8 @@ C10_ALWAYS_INLINE void quantize_chunk(const QuantizePackArgs& a, uint8_t* cj, ui
     const float* s = a.src + c * a.HW + a.start;
     uint8_t* o = cj + c * kQChunk;
     for (int64_t j = 0; j < a.count; ++j) {
-      const float v = s[j];
-      const float clipped = v < 0.0f ? 0.0f : (v > a.m ? a.m : v);
-      const float level = std::floor((clipped / a.m) * a.n + 0.5f);
+      // The quantizer's own level (formula.h), each step rounded in float.
+      const float level = formula::level(formula::clip(s[j], a.m), a.m, a.n);
       const float safe = level == level ? level : 0.0f;  // NaN -> 0
       o[j] = static_cast<uint8_t>(static_cast<int32_t>(safe));
     }
