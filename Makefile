@@ -1,6 +1,8 @@
 # The two commands of the README:
 #   make train   train the W1A2 LMNet on digits next to its float twin
 #   make test    build everything and run every test (pytest, ctest, ctest under ASan/UBSan)
+# and the loop for an edit:
+#   make check   rebuild what changed, then the tests not marked slow (pytest -m "not slow")
 # Both create .venv when it is missing and install what they need into it.
 SHELL := /bin/bash
 .DEFAULT_GOAL := test
@@ -26,7 +28,7 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 BUILD_STAMP := $(VENV)/.build-stamp
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps build build-cpp catch2 test test-python test-cpp train bench sanitize clean
+.PHONY: deps build build-cpp catch2 test test-python test-cpp check train bench sanitize clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -64,8 +66,14 @@ build-cpp: $(DEPS_STAMP) catch2
 test-python: $(BUILD_STAMP)
 	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
 
+# ctest runs the tests in parallel (-j): the Catch2 cases and the examples are independent,
+# but the deployed-model example's fixture (the Python that writes the .pt2) runs first.
 test-cpp: build-cpp
-	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure
+	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
+
+# The short loop for an edit: the incremental build and every test not marked slow.
+check: $(BUILD_STAMP)
+	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every test: pytest, ctest, and ctest again on the ASan/UBSan build.
 test: test-python test-cpp sanitize
@@ -74,7 +82,7 @@ test: test-python test-cpp sanitize
 # low bits (torch_ext.deploy): its accuracy, agreement, weight bytes and speed.
 train: $(BUILD_STAMP)
 	$(PY) -m torch_ext.train --compare
-	$(PY) -m torch_ext.deploy runs/compare/lmnet_v1_quantize/checkpoint.pt --out runs/compare/lmnet_v1_quantize/deployed.pt \
+	$(PY) -m torch_ext.deploy runs/compare/lmnet_v1_quantize/checkpoint.pt --out runs/compare/lmnet_v1_quantize/deployed.pt2 \
 	  --eval --speed-against runs/compare/lmnet_v1/checkpoint.pt
 
 bench: $(BUILD_STAMP)
@@ -84,7 +92,7 @@ bench: $(BUILD_STAMP)
 sanitize: $(DEPS_STAMP) catch2
 	$(VENV)/bin/cmake -S . -B $(SANITIZE_BUILD_DIR) $(CMAKE_ARGS) -DTORCH_EXT_CUDA=OFF -DTORCH_EXT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	$(VENV)/bin/cmake --build $(SANITIZE_BUILD_DIR) -j $(MAX_JOBS)
-	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(VENV)/bin/ctest --test-dir $(SANITIZE_BUILD_DIR) --output-on-failure
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(VENV)/bin/ctest --test-dir $(SANITIZE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
 
 clean:
 	rm -rf build $(CMAKE_BUILD_DIR) $(SANITIZE_BUILD_DIR) *.egg-info torch_ext/_C*.so $(BUILD_STAMP)
