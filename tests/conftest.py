@@ -92,6 +92,14 @@ EXAMPLE_COUNTS: dict[str, int] = {}
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    # tests/test_docs.py: the README's and docs' code blocks not run, each with its reason.
+    not_run = [value for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call"
+               for name, value in getattr(report, "user_properties", ()) if name == "docs_not_run"]
+    if not_run:
+        terminalreporter.write_sep("-", f"docs blocks not run ({len(not_run)})")
+        for line in not_run:
+            terminalreporter.write_line(line)
     if EXAMPLE_COUNTS:
         total = sum(EXAMPLE_COUNTS.values())
         parts = ", ".join(f"{name} {count}" for name, count in EXAMPLE_COUNTS.items())

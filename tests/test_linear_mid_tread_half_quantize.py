@@ -1295,3 +1295,38 @@ def test_more_than_2_31_elements_bfloat16_cpu():
 
     grad_x = ops.linear_mid_tread_half_quantize_backward(x, mask)
     check_periodic(grad_x, reference_backward(y_pattern, pattern, max_value), "backward")
+
+
+def test_the_module_names_itself_in_its_refusals():
+    # Issue 25: QuantActivation(bit=0) named the function linear_mid_tread_half_quantize.
+    for kwargs, exc, message in (
+        ({"bit": 0}, ValueError, "QuantActivation: bit must be in 1..16 or 32, got bit=0"),
+        ({"bit": 2.0}, TypeError, "QuantActivation: bit must be an int"),
+        ({"max_value": -1.0}, ValueError, "QuantActivation: max_value must be finite and > 0"),
+        ({"max_value": 0.0, "learn_max_value": "pact"}, ValueError, "QuantActivation: max_value must be finite"),
+        ({"learn_max_value": "PACT"}, ValueError, "QuantActivation: mode must be \"pact\" or \"lsq\""),
+    ):
+        with pytest.raises(exc) as info:
+            torch_ext.QuantActivation(**kwargs)
+        assert str(info.value).startswith(message) and "linear_mid_tread_half_quantize" not in str(info.value)
+
+
+def test_an_unknown_cpu_isa_is_refused_in_one_line(monkeypatch):
+    # TORCH_EXT_CPU_ISA (csrc/torch_ext/cpu_isa.h) caps the CPU loops; a value it does not know was a
+    # silent "no cap". Needs the extension built from the present cpu_isa.h.
+    x = torch.randn(64)
+    monkeypatch.setenv("TORCH_EXT_CPU_ISA", "foo")
+    calls = {
+        "quantize": lambda: torch_ext.linear_mid_tread_half_quantize(x, 2, 2.0),
+        "learnable": lambda: torch_ext.linear_mid_tread_half_quantize_learnable(x, torch.tensor(2.0)),
+        "pack": lambda: ops.quantize_pack_codes(torch.rand(1, 3, 4, 4), 2, 2.0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as info:
+            call()
+        message = str(info.value).strip()
+        assert "\n" not in message.split(" (Triggered")[0], (name, message)
+        assert message.startswith("TORCH_EXT_CPU_ISA='foo' is not one of baseline, avx2, avx512"), (name, message)
+    for value in ("baseline", "avx2", "avx512", ""):
+        monkeypatch.setenv("TORCH_EXT_CPU_ISA", value)
+        assert torch.equal(calls["quantize"](), torch_ext.reference.linear_mid_tread_half_quantize_reference(x, 2, 2.0))

@@ -373,6 +373,7 @@ def test_module_entry_point_runs(tmp_path):
 # ---------------------------------------------------------------- GPU
 
 
+@pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_amp_training(tmp_path, amp):
@@ -441,3 +442,78 @@ def test_progress_on_a_terminal_is_a_bar():
     quiet = io.StringIO()
     assert list(Progress(range(5), 5, "x", enabled=False, stream=quiet)) == list(range(5))
     assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------- a newcomer's stumbling points (issue 25)
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_a_missing_extra_stops_the_run_before_it_trains(tmp_path, monkeypatch, capsys):
+    # training.png needs matplotlib: without it the run must not train for minutes first.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    out = tmp_path / "o"
+    assert train.cli([*TINY, "--epochs", "1", "--out", str(out)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("python -m torch_ext.train: error: ") and "'train' extra" in line and "matplotlib" in line
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_refusals_name_the_options_as_typed(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for argv, expected in (
+        (["--dataset", "image_folder"], "--data-dir is required for --dataset='image_folder'"),
+        (["--dataset", "image_folder", "--data-dir", str(tmp_path / "empty")], "needs at least 2 class sub-folders"),
+        (["--dataset", "cifar10", "--data-dir", str(tmp_path / "nowhere")], "--data-dir="),
+    ):
+        assert train.cli([*argv, "--out", str(tmp_path / "o")]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert expected in line and "data_dir" not in line and "dataset=" not in line.replace("--dataset=", ""), line
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--amp", "fp32"], ["--no-such-option"]])
+def test_bad_arguments_give_one_line_without_the_usage(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.cli(argv)
+    assert info.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("python -m torch_ext.train: error: ") and "usage" not in line, line
+    if argv[0] == "--epochs":
+        assert "error: --epochs must be a positive integer, got '0'" in line  # named once, as typed
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_our_one_line_error(tmp_path, capsys):
+    whole = tmp_path / "whole_model.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a pickled module, not a checkpoint
+    scripted = tmp_path / "scripted.pt"
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")  # torch.jit's deprecation notes
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), scripted)
+    for path, expected in ((whole, "it holds a pickled torch.nn.modules.linear.Linear"),
+                           (scripted, "is a TorchScript archive")):
+        assert train.cli(["--eval", str(path), "--device", "cpu"]) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert f"--eval={str(path)!r}" in line and expected in line, line
+        assert "weights_only" not in line, line  # torch's advice would be wrong here
+
+
+def test_amp_fp16_on_the_cpu_warns_in_one_line(tmp_path, capsys):
+    # The warning comes before any work: here the data folder is missing, so the run stops right after it.
+    assert train.cli(["--amp", "fp16", "--device", "cpu", "--dataset", "cifar10",
+                      "--data-dir", str(tmp_path / "nowhere")]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()
+    assert warning.startswith("python -m torch_ext.train: warning: --amp fp16 on the CPU is many times slower")
+    assert error.startswith("python -m torch_ext.train: error: ")
+
+
+def test_eval_with_export_onnx_says_what_it_wrote(trained, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    out, _ = trained
+    path = tmp_path / "model.onnx"
+    assert train.cli(["--eval", str(out / "checkpoint.pt"), "--export-onnx", str(path), "--device", "cpu"]) == 0
+    assert f"wrote ONNX model {path}" in capsys.readouterr().err.splitlines()
+    assert path.stat().st_size > 0

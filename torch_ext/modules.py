@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import torch
@@ -19,6 +20,15 @@ from .ops import (
 )
 
 __all__ = ["QuantActivation"]
+
+
+def _checked(validate, value):
+    """``validate(value)``, its refusal naming the module (``QuantActivation: bit must be ...``), not the function."""
+    try:
+        return validate(value)
+    except (TypeError, ValueError) as exc:
+        message = re.sub(r"^(linear_mid_tread_half_quantize|learn_max_value): ", "", str(exc))
+        raise type(exc)(f"QuantActivation: {message}") from None
 
 
 class QuantActivation(nn.Module):
@@ -58,17 +68,17 @@ class QuantActivation(nn.Module):
     ) -> None:
         super().__init__()
         if backward is not None and not callable(backward):
-            raise TypeError(f"backward must be callable or None, got backward={backward!r}")
-        self.bit = validate_bit(bit)
+            raise TypeError(f"QuantActivation: backward must be callable or None, got backward={backward!r}")
+        self.bit = _checked(validate_bit, bit)
         self.inplace = bool(inplace)
         self.backward = backward
         if learn_max_value is None:
-            self.max_value = validate_max_value(max_value)
+            self.max_value = _checked(validate_max_value, max_value)
             self.learn_max_value = None
             # TorchScript guards (NoneType attributes prune the other branch when scripting).
             self._fixed: Optional[bool] = True
         else:
-            mode = validate_learn_mode(learn_max_value)
+            mode = _checked(validate_learn_mode, learn_max_value)
             if self.inplace:
                 raise ValueError(
                     f"QuantActivation(inplace=True, learn_max_value={mode!r}): the learnable max_value has no "
@@ -79,7 +89,7 @@ class QuantActivation(nn.Module):
                     f"QuantActivation(backward=..., learn_max_value={mode!r}): a custom backward gives no gradient "
                     "for max_value; use one or the other"
                 )
-            self.max_value = nn.Parameter(torch.tensor(validate_max_value(max_value), dtype=torch.float32))
+            self.max_value = nn.Parameter(torch.tensor(_checked(validate_max_value, max_value), dtype=torch.float32))
             self.learn_max_value = mode
             self._fixed = None
         self.scale_grad = learn_max_value == "lsq"

@@ -2,12 +2,16 @@
 // loops for the baseline x86-64 ISA and for wider ones, and runs the widest
 // the CPU has, capped by TORCH_EXT_CPU_ISA=baseline|avx2|avx512 (so that tests
 // can hold every copy to the same results on one machine, and benchmarks can
-// compare them). The variable is read at each call.
+// compare them). The variable is read at each call; unset or empty means no
+// cap, and any other value is refused (ValueError in Python) by the operator
+// that reads it, rather than silently running without a cap.
 #pragma once
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+
+#include <c10/util/Exception.h>
 
 namespace torch_ext {
 
@@ -15,7 +19,7 @@ enum IsaCap : int { kIsaBaseline = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 
 inline int cpu_isa_cap() {
   const char* env = std::getenv("TORCH_EXT_CPU_ISA");
-  if (env == nullptr) {
+  if (env == nullptr || env[0] == '\0') {
     return kIsaAvx512;
   }
   if (std::strcmp(env, "baseline") == 0) {
@@ -24,6 +28,9 @@ inline int cpu_isa_cap() {
   if (std::strcmp(env, "avx2") == 0) {
     return kIsaAvx2;
   }
+  TORCH_CHECK_VALUE(
+      std::strcmp(env, "avx512") == 0, "TORCH_EXT_CPU_ISA='", env,
+      "' is not one of baseline, avx2, avx512 (unset it to run the widest copy the CPU has)");
   return kIsaAvx512;
 }
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any, Dict
 
@@ -123,6 +125,23 @@ def write_json_atomic(obj: Any, path: Path) -> None:
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
+def _why_unreadable(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in our words: never torch's advice to load it
+    with ``weights_only=False`` (a checkpoint of this command is plain data, so that would not help)."""
+    text = str(exc)
+    if "TorchScript archive" in text:
+        return "is a TorchScript archive (torch.jit.save), not a torch_ext.train checkpoint"
+    if "Weights only load failed" in text or "WeightsUnpickler" in text:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f"a pickled {found.group(1)}" if found else "pickled Python objects"
+        return (f"is not a torch_ext.train checkpoint: it holds {what}, which a checkpoint never does "
+                "(a whole model saved with torch.save(model)?)")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    if "weights_only" in first:
+        first = ""
+    return f"is not a readable checkpoint (corrupt or truncated?): {type(exc).__name__}{': ' + first if first else ''}"
+
+
 def load_checkpoint(path: os.PathLike, argument: str = "checkpoint") -> Dict[str, Any]:
     """Load a checkpoint written by this module, on the CPU.
 
@@ -134,13 +153,12 @@ def load_checkpoint(path: os.PathLike, argument: str = "checkpoint") -> Dict[str
     if not path.is_file():
         raise FileNotFoundError(f"{argument}={str(path)!r}: no such checkpoint file")
     try:
-        # weights_only: a checkpoint is data, never code.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols and TorchScript archives
+            warnings.simplefilter("ignore")
+            # weights_only: a checkpoint is data, never code.
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, unreadable file, ...
-        raise CheckpointError(
-            f"{argument}={str(path)!r} is not a readable checkpoint (corrupt or truncated?): "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        ) from exc
+        raise CheckpointError(f"{argument}={str(path)!r} {_why_unreadable(exc)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -70,6 +71,16 @@ def _milestones(text: str) -> Tuple[float, ...]:
     if any(not 0.0 < v < 1.0 for v in values) or values != sorted(values):
         raise argparse.ArgumentTypeError(f"--lr-milestones must be increasing fractions in (0, 1), got {text!r}")
     return tuple(values)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line (``prog: error: ...``), without the usage."""
+
+    def error(self, message: str):
+        # argparse writes "argument --epochs: --epochs must be ..." for our own
+        # type errors, which already name the option.
+        message = re.sub(r"^argument (\S+): (?=\1\b)", "", message)
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -156,13 +167,19 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m torch_ext.train`` argument parser."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m torch_ext.train",
         description="Quantization-aware training of Blueoil's LMNet / sample networks.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(data_module.DATASETS)}")
-    p.add_argument("--data-dir", default=None, help="folder of the cifar10 batches or of the image folder")
+    p.add_argument("--dataset", default="digits",
+                   help=f"one of {', '.join(data_module.DATASETS)}: digits is scikit-learn's (8x8, bundled); "
+                        "cifar10 and image_folder are read from --data-dir, never downloaded")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="cifar10: the folder of CIFAR-10's python batches, DIR/data_batch_1 .. DIR/data_batch_5 "
+                        "and DIR/test_batch (or DIR/cifar-10-batches-py/...); image_folder: one sub-folder of "
+                        "images a class, DIR/<class>/*.png (or .jpg, ...), split 80/20 with a fixed seed, or "
+                        "DIR/train/<class>/* and DIR/test/<class>/* (or DIR/val/<class>/*) as given")
     p.add_argument("--image-size", type=_positive_int("--image-size"), default=None,
                    help="input height and width (default 32)")
     _add_model_options(p)

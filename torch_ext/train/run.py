@@ -6,7 +6,9 @@ checkpoint (``--eval``), and train the W1A2 LMNet next to its float twin
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -70,9 +72,23 @@ class _Run:
         return self.out_dir / CHECKPOINT_NAME
 
 
+#: torch_ext.data's argument names, as the command line spells them.
+_OPTION_OF_ARGUMENT = {"data_dir": "--data-dir", "dataset": "--dataset", "image_size": "--image-size"}
+
+
+def load_dataset(dataset: str, data_dir: Optional[str], image_size: Optional[int]):
+    """``torch_ext.data.load_dataset``, its refusals naming the options as typed (``--data-dir``, not ``data_dir``)."""
+    try:
+        return data_module.load_dataset(dataset, data_dir, image_size)
+    except (ValueError, FileNotFoundError) as exc:
+        pattern = r"(?<![\w-])(" + "|".join(_OPTION_OF_ARGUMENT) + r")\b"
+        message = re.sub(pattern, lambda m: _OPTION_OF_ARGUMENT[m.group(1)], str(exc))
+        raise type(exc)(message) from exc
+
+
 def _resolved_config(cfg: TrainConfig, ddp: Dist):
     """Load the data set; fill in what it decides (image size, flips)."""
-    splits = data_module.load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
     multiple = getattr(models_module.get_model_builder(cfg.model), "input_size_multiple", 1)
     if splits.image_size % multiple:
         raise ValueError(
@@ -103,7 +119,7 @@ def _loaders(cfg: TrainConfig, splits, ddp: Dist, device: torch.device, loader_g
         pin_memory=pin,
     )
     if len(train_loader) == 0:
-        raise ValueError(f"dataset={cfg.dataset!r} has no training images")
+        raise ValueError(f"--dataset={cfg.dataset!r} has no training images")
     return sampler, train_loader, test_loader
 
 
@@ -303,7 +319,7 @@ def eval_checkpoint(cfg: TrainConfig, ddp: Dist, device: torch.device) -> Dict[s
     ckpt = load_checkpoint(cfg.eval, "--eval")
     saved = ckpt["args"]
     data_dir = cfg.data_dir if cfg.data_dir is not None else saved.get("data_dir")
-    splits = data_module.load_dataset(saved["dataset"], data_dir, saved.get("image_size"))
+    splits = load_dataset(saved["dataset"], data_dir, saved.get("image_size"))
     if (splits.num_classes, splits.in_channels) != (ckpt["num_classes"], ckpt["in_channels"]):
         raise CheckpointError(
             f"--eval={cfg.eval!r}: the model has {ckpt['num_classes']} classes and {ckpt['in_channels']} "
@@ -314,6 +330,7 @@ def eval_checkpoint(cfg: TrainConfig, ddp: Dist, device: torch.device) -> Dict[s
         from ..export import export_trained_model
 
         export_trained_model(model, cfg.export_onnx, in_channels=ckpt["in_channels"], image_size=splits.image_size)
+        log(ddp, f"wrote ONNX model {cfg.export_onnx}")
     channels_last = cfg.channels_last_on(device.type)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -393,6 +410,38 @@ def _apply_process_settings(cfg: TrainConfig) -> Dict[str, Any]:
     return saved
 
 
+def _needed_modules(cfg: TrainConfig) -> List[str]:
+    """The optional modules (extras) this run will import, in the order it needs them."""
+    needed = []
+    if cfg.dataset in ("digits", "image_folder"):
+        needed.append("sklearn")  # digits' loader; the 80/20 split
+    if cfg.dataset == "image_folder":
+        needed.append("PIL")
+    if cfg.eval is None:
+        needed.append("matplotlib")  # training.png, written after the last epoch
+        if not cfg.no_progress and sys.stderr.isatty():
+            needed.append("tqdm")  # the progress bar on a terminal
+    if cfg.export_onnx:
+        needed += ["onnx", "onnxscript"]
+    return needed
+
+
+def check_extras(cfg: TrainConfig) -> None:
+    """Import now every optional module the run will need, so that a missing extra stops it before it trains.
+
+    Raises the ``ImportError`` of the first one missing (:func:`torch_ext.train.cli`
+    prints it as one line naming the extra to install).
+    """
+    for name in _needed_modules(cfg):
+        importlib.import_module(name)
+
+
+def _warn_about_slow_settings(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.amp == "fp16" and device.type == "cpu":
+        print("python -m torch_ext.train: warning: --amp fp16 on the CPU is many times slower than float32 "
+              "(most CPU kernels have no float16 path); use --amp bf16, or no --amp", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return its metrics.
 
@@ -403,12 +452,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     :class:`CheckpointError`; :func:`cli` prints them instead.
     """
     cfg = parse_config(argv)
+    check_extras(cfg)
     # Process-wide settings this run changes are given back at the end, so
     # that a program calling main() keeps its own.
     saved = _apply_process_settings(cfg)
     ddp = Dist()
     try:
         device = select_device(cfg.device, ddp)
+        if ddp.is_main:
+            _warn_about_slow_settings(cfg, device)
         ddp.init(device)
         if cfg.eval is not None:
             return eval_checkpoint(cfg, ddp, device)
