@@ -34,6 +34,7 @@ using storage::Storage;
 
 template <typename scalar_t, int kLevels>
 struct StepsForm {
+  using Scalar = scalar_t;
   using T = formula::compute_t<scalar_t>;
   using B = bits_t<scalar_t>;
   steps::ValueSteps<scalar_t, kLevels> steps;
@@ -49,6 +50,7 @@ struct StepsForm {
 
 template <typename scalar_t>
 struct ClipForm {
+  using Scalar = scalar_t;
   using T = formula::compute_t<scalar_t>;
   using B = bits_t<scalar_t>;
   T m;
@@ -71,6 +73,7 @@ struct ClipForm {
 
 template <typename scalar_t>
 struct FormulaForm {
+  using Scalar = scalar_t;
   using T = formula::compute_t<scalar_t>;
   using B = bits_t<scalar_t>;
   T m;
@@ -114,6 +117,21 @@ void with_form(int64_t bit, F&& f) {
     }
   }
   f(static_cast<FormulaForm<scalar_t>*>(nullptr));
+}
+
+// Vector k of a thread's tile (kVecElems elements of `in`, as bits): its
+// values in T in `x` (exact widenings, for the masks) and the form's result
+// bits in the same vector of `out`. The one place every kernel quantizes.
+template <int kVecElems, typename Form, typename B, typename T>
+__device__ __forceinline__ void quantize_vector(const Form& form, const B* in, B* out, int k, T (&x)[kVecElems]) {
+  using S = Storage<typename Form::Scalar>;
+  const B(&vin)[kVecElems] = *reinterpret_cast<const B(*)[kVecElems]>(in + k * kVecElems);
+  B(&vout)[kVecElems] = *reinterpret_cast<B(*)[kVecElems]>(out + k * kVecElems);
+#pragma unroll
+  for (int j = 0; j < kVecElems; ++j) {
+    x[j] = S::load(vin[j]);
+  }
+  form.apply(x, vin, vout);
 }
 
 // ---------------------------------------------------------------------------

@@ -65,7 +65,6 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kern
   using T = compute_t<scalar_t>;
   using B = bits_t<scalar_t>;
   using Tl = Tile<scalar_t>;
-  using S = storage::Storage<scalar_t>;
   __shared__ Form form;
   build_shared_form(form, m_ptr, levels);
   cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
@@ -75,14 +74,8 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kern
     B out[Tl::kThreadElems];
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
-      const B(&vin)[Tl::kVecElems] = *reinterpret_cast<const B(*)[Tl::kVecElems]>(in + k * Tl::kVecElems);
-      B(&vout)[Tl::kVecElems] = *reinterpret_cast<B(*)[Tl::kVecElems]>(out + k * Tl::kVecElems);
       T xv[Tl::kVecElems];
-#pragma unroll
-      for (int j = 0; j < Tl::kVecElems; ++j) {
-        xv[j] = S::load(vin[j]);
-      }
-      form.apply(xv, vin, vout);
+      cuda_forms::quantize_vector<Tl::kVecElems>(form, in, out, k, xv);
       if (kMasks) {
         const T m = form.max_value();
         uint32_t pass = 0;
@@ -185,21 +178,17 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocksTwoTiles) lsq_
     const T m = form.max_value();
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
-      const B(&vx)[Tl::kVecElems] = *reinterpret_cast<const B(*)[Tl::kVecElems]>(xb + k * Tl::kVecElems);
       T xv[Tl::kVecElems];
-#pragma unroll
-      for (int j = 0; j < Tl::kVecElems; ++j) {
-        xv[j] = S::load(vx[j]);
-      }
-      B yq[Tl::kVecElems];
-      form.apply(xv, vx, yq);
+      B yq[Tl::kThreadElems];  // only vector k is written and read
+      cuda_forms::quantize_vector<Tl::kVecElems>(form, xb, yq, k, xv);
 #pragma unroll
       for (int j = 0; j < Tl::kVecElems; ++j) {
         B& gb = g[k * Tl::kVecElems + j];
         const double gd = static_cast<double>(static_cast<T>(S::load(gb)));
         const bool pass = formula::passes_gradient(xv[j], m);
         if (pass) {
-          in_sum += gd * (static_cast<double>(static_cast<T>(S::load(yq[j]))) - static_cast<double>(xv[j]));
+          in_sum += gd * (static_cast<double>(static_cast<T>(S::load(yq[k * Tl::kVecElems + j]))) -
+                          static_cast<double>(xv[j]));
         }
         if (xv[j] >= m) {
           above_sum += gd;

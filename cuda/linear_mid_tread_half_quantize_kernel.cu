@@ -41,7 +41,6 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kern
   using T = compute_t<scalar_t>;
   using B = bits_t<scalar_t>;
   using Tl = Tile<scalar_t>;
-  using S = storage::Storage<scalar_t>;
   cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
     constexpr bool kFull = decltype(full)::value;
     B in[Tl::kThreadElems];
@@ -51,14 +50,8 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kern
     B out[Tl::kThreadElems];
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) {
-      const B(&vin)[Tl::kVecElems] = *reinterpret_cast<const B(*)[Tl::kVecElems]>(in + k * Tl::kVecElems);
-      B(&vout)[Tl::kVecElems] = *reinterpret_cast<B(*)[Tl::kVecElems]>(out + k * Tl::kVecElems);
       T xv[Tl::kVecElems];
-#pragma unroll
-      for (int j = 0; j < Tl::kVecElems; ++j) {
-        xv[j] = S::load(vin[j]);
-      }
-      form.apply(xv, vin, vout);
+      cuda_forms::quantize_vector<Tl::kVecElems>(form, in, out, k, xv);
       if (kWriteMask) {
         const T m = form.max_value();
         uint32_t bits = 0;

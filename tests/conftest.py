@@ -21,6 +21,7 @@ puts this folder on ``sys.path``, as it has no ``__init__.py``).
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -354,3 +355,20 @@ def sgd_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tenso
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+#: The integer type of each float type's width (bit views of a tensor).
+INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+          torch.float64: torch.int64}
+
+
+def values_around(dtype: torch.dtype, centers: torch.Tensor, ulps: int) -> torch.Tensor:
+    """Every value within ``ulps`` bit patterns of each center (non-negative), their negatives, and the specials."""
+    it = INT_OF[dtype]
+    base = centers.to(dtype).abs().view(it)
+    offsets = torch.arange(-ulps, ulps + 1, dtype=it)
+    bits = (base[:, None] + offsets[None, :]).reshape(-1)
+    bits = bits[(bits >= 0) & (bits <= torch.tensor(torch.finfo(dtype).max, dtype=dtype).view(it))]
+    x = bits.view(dtype)
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan], dtype=dtype)
+    return torch.cat([x, -x, specials])

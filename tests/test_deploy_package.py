@@ -23,9 +23,8 @@ from torch_ext.deploy import package
 from torch_ext.models import LmnetV1Quantize, get_model, list_models
 
 
-def _lmnet(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = LmnetV1Quantize(num_classes=10, in_channels=3)
+def _with_drawn_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` in eval mode, its batch-norm statistics drawn so that every code occurs."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -33,6 +32,11 @@ def _lmnet(seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
     return model.eval()
+
+
+def _lmnet(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _with_drawn_batch_norms(LmnetV1Quantize(num_classes=10, in_channels=3), seed)
 
 
 #: The tolerance of float outputs of an AOTInductor package against eager
@@ -134,14 +138,7 @@ def test_a_missing_file_and_an_unknown_format_are_refused(deployed, tmp_path):
 
 def _registry_model(name: str) -> nn.Module:
     torch.manual_seed(0)
-    model = get_model(name, num_classes=10)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model.eval()
+    return _with_drawn_batch_norms(get_model(name, num_classes=10), 1)
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -27,7 +27,7 @@ from torch_ext.reference import (
     linear_mid_tread_half_quantize_reference as reference,
 )
 
-from conftest import assert_bit_exact, dtype_id, expected_mask, unpack_mask
+from conftest import INT_OF, assert_bit_exact, dtype_id, expected_mask, unpack_mask, values_around as _around
 
 ops = torch.ops.torch_ext
 
@@ -42,8 +42,6 @@ def cpu_isa(request, monkeypatch):
 
 NAN_BITS = {torch.float16: 0x7E00, torch.bfloat16: 0x7FC0, torch.float32: 0x7FC00000,
             torch.float64: 0x7FF8000000000000}
-INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-          torch.float64: torch.int64}
 
 #: max_values: representable or not in each type, tiny (subnormal in the
 #: 16-bit types, or in float32), huge, and float16's overflow edge.
@@ -81,18 +79,6 @@ def test_every_16_bit_pattern(dtype, bit):
         if not math.isfinite(torch.tensor(max_value, dtype=torch.float32).item()):
             continue
         _all_entry_points(x, bit, max_value, f"{dtype} bit={bit} m={max_value}")
-
-
-def _around(dtype: torch.dtype, centers: torch.Tensor, ulps: int) -> torch.Tensor:
-    """Every value within ``ulps`` bit patterns of each center (non-negative), and their negatives."""
-    it = INT_OF[dtype]
-    base = centers.to(dtype).abs().view(it)
-    offsets = torch.arange(-ulps, ulps + 1, dtype=it)
-    bits = (base[:, None] + offsets[None, :]).reshape(-1)
-    bits = bits[(bits >= 0) & (bits <= torch.tensor(torch.finfo(dtype).max, dtype=dtype).view(it))]
-    x = bits.view(dtype)
-    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan], dtype=dtype)
-    return torch.cat([x, -x, specials])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)

@@ -24,14 +24,12 @@ import math
 import pytest
 import torch
 
-from conftest import CUDA_SKIP_REASON, HAS_CUDA, dtype_id
+from conftest import CUDA_SKIP_REASON, HAS_CUDA, INT_OF, dtype_id, values_around as _around
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)]
 
 ops = torch.ops.torch_ext
 
-INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
-          torch.float64: torch.int64}
 MAX_VALUES = (2.0, 1.0, 3.0, 6.0, 0.1, 0.7, 1.0 / 3.0, 1e-3, 1e-6, 1e-30, 1.7e4, 65504.0, 65520.0, 1e5, 3e38)
 BITS = (1, 2, 3, 4, 5, 8, 32)
 
@@ -97,18 +95,6 @@ def test_every_16_bit_pattern(dtype, bit):
         what = f"{dtype} bit={bit} m={max_value}"
         _fixed_entry_points(x, bit, max_value, what)
         _learnable_entry_points(x, bit, max_value, what)
-
-
-def _around(dtype: torch.dtype, centers: torch.Tensor, ulps: int) -> torch.Tensor:
-    """Every value within ``ulps`` bit patterns of each center (non-negative), their negatives, specials."""
-    it = INT_OF[dtype]
-    base = centers.to(dtype).abs().view(it)
-    offsets = torch.arange(-ulps, ulps + 1, dtype=it)
-    bits = (base[:, None] + offsets[None, :]).reshape(-1)
-    bits = bits[(bits >= 0) & (bits <= torch.tensor(torch.finfo(dtype).max, dtype=dtype).view(it))]
-    x = bits.view(dtype)
-    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan], dtype=dtype)
-    return torch.cat([x, -x, specials])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)

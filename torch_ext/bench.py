@@ -134,6 +134,16 @@ def _copy_bandwidth(device: torch.device, numel: int, repeats: int, warmup: int)
     return 2 * src.nbytes / t / 1e9
 
 
+def _reuse_if_asked(args: argparse.Namespace) -> Optional[bool]:
+    """``--reuse-freed-memory``: None when not asked, else whether it took effect (a failure is logged)."""
+    if not args.reuse_freed_memory:
+        return None
+    failure = _reuse_freed_memory()
+    if failure:
+        _log(f"--reuse-freed-memory: {failure}; continuing without")
+    return failure is None
+
+
 def _reuse_freed_memory() -> Optional[str]:
     """Make glibc keep freed memory for reuse (no mmap for large blocks, no trimming); None if done.
 
@@ -801,12 +811,7 @@ def _run_learnable(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> i
     repeats = args.repeats if args.repeats is not None else quick.get("repeats", bench_learnable.DEFAULT_REPEATS)
     warmup = args.warmup if args.warmup is not None else quick.get("warmup", bench_learnable.DEFAULT_WARMUP)
     threads = args.threads if args.threads is not None else bench_learnable.DEFAULT_THREADS
-    reuse = None
-    if args.reuse_freed_memory:
-        failure = _reuse_freed_memory()
-        reuse = failure is None
-        if failure:
-            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    reuse = _reuse_if_asked(args)
     bench_learnable.benchmark(devices, sizes, dtypes, repeats, warmup, threads, BIT, args.json,
                               meta={"argv": list(argv) if argv is not None else sys.argv[1:],
                                     "reuse_freed_memory": reuse})
@@ -847,12 +852,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     devices = _devices(args.devices)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    reuse = None
-    if args.reuse_freed_memory:
-        failure = _reuse_freed_memory()
-        reuse = failure is None
-        if failure:
-            _log(f"--reuse-freed-memory: {failure}; continuing without")
+    reuse = _reuse_if_asked(args)
     started = time.perf_counter()
     meta = _meta(args, argv, devices, reuse)
     copy_gbps: Dict[str, float] = {}
