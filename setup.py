@@ -133,7 +133,10 @@ def extensions():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
         sources += sorted(glob.glob(os.path.join("cuda", "*.cu")))
         # -fmad=false and no --use_fast_math: correctly rounded steps, as on the CPU.
-        nvcc = opt + ["-fmad=false", "-lineinfo"]
+        # -Xcompiler: the host half of the .cu files (the fixed operator's
+        # thresholds are found there, by the formula) gets the C++ files' flags:
+        # with FMA in the host ISA (aarch64, -march=native) GCC would contract.
+        nvcc = opt + ["-fmad=false", "-lineinfo", "-Xcompiler=-ffp-contract=off,-fno-fast-math"]
         return [
             cpp_extension.CUDAExtension(
                 "torch_ext._C",

@@ -156,7 +156,7 @@ FormulaForm<scalar_t> make_form(FormulaForm<scalar_t>*, formula::compute_t<scala
 
 // Each level's threshold is searched by one warp, warps taking levels in
 // turn: a 32-ary search (steps::KarySearch), one candidate a lane, so a level
-// takes 7 rounds of the formula for float32 (4 for 16-bit types) instead of
+// takes 7 rounds of the formula for float32 (3 for 16-bit types) instead of
 // the host's 31; the rounds land on the same bits as the host's search.
 template <typename scalar_t, int kLevels>
 __device__ void build_form(StepsForm<scalar_t, kLevels>& f, formula::compute_t<scalar_t> m, int) {
@@ -171,7 +171,9 @@ __device__ void build_form(StepsForm<scalar_t, kLevels>& f, formula::compute_t<s
     const steps::AtLeastLevel<scalar_t, S, T> pred{m, n, static_cast<T>(k)};
     steps::KarySearch<B> search{B(0), formula::NaNBits<scalar_t>::exponent};
     while (!search.done()) {
-      const unsigned passing = __ballot_sync(0xFFFFFFFFu, pred(search.candidate(lane, kFanout)));
+      // The last candidate is hi, where the predicate holds (m is finite: its
+      // level is n there); bit 31 says so even if a future m broke that.
+      const unsigned passing = __ballot_sync(0xFFFFFFFFu, pred(search.candidate(lane, kFanout))) | (1u << 31);
       search.narrow(__ffs(passing) - 1, kFanout);
     }
     if (lane == 0) {

@@ -4,7 +4,8 @@
 // Each step is one correctly rounded IEEE operation: on the device we call the
 // _rn intrinsics, which nvcc never contracts into an FMA nor replaces by an
 // approximate division; on the host the files are compiled with
-// -ffp-contract=off (see setup.py / CMakeLists.txt) for the same reason.
+// -ffp-contract=off (see setup.py / CMakeLists.txt; the .cu files' host code
+// through nvcc -Xcompiler) for the same reason.
 #pragma once
 
 #include <c10/macros/Macros.h>
