@@ -126,12 +126,14 @@ def extensions():
     # -fopenmp: at::parallel_for is header code, serial without it.
     cxx = opt + ["-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math", "-fopenmp"]
     link = ["-fopenmp"] + (["-g"] if debug else [])
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Every .cpp under csrc/ (a family's schema, checks and autograd in csrc/ops/, its
+    # CPU kernel in csrc/cpu/) and every .cu under cuda/: a new file needs no edit here.
+    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     include_dirs = [os.path.join(ROOT, "csrc")]
     if want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
-        sources += sorted(glob.glob(os.path.join("cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("cuda", "**", "*.cu"), recursive=True))
         # -fmad=false and no --use_fast_math: correctly rounded steps, as on the CPU.
         # -Xcompiler: the host half of the .cu files (the fixed operator's
         # thresholds are found there, by the formula) gets the C++ files' flags:
