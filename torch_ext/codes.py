@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .ops import validate_bit, validate_max_value
 from . import reference
+from .ops.quantize import validate_bit, validate_max_value
 from .reference import compute_dtype
 
 __all__ = ["code_dtype", "codes_to_values", "quantize_to_codes"]
@@ -77,14 +77,6 @@ def _check_max_value(fn: str, max_value, dtype: torch.dtype) -> float:
         raise _as_from(fn, exc) from None
 
 
-def _constants(t: torch.dtype, device: torch.device, bit: int, max_value: float):
-    # 0-dim tensors on the data's device, not Python scalars: CUDA's division
-    # by a CPU scalar multiplies by its reciprocal instead (docs/quantizer.md forbids it).
-    m = torch.tensor(max_value, dtype=t, device=device)  # T(max_value): one rounding
-    n = torch.tensor(2.0**bit - 1.0, dtype=t, device=device)
-    return m, n
-
-
 def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> torch.Tensor:
     """The quantizer's integer level ``k = floor((c / m) * n + 0.5)`` of every element of ``x``.
 
@@ -119,7 +111,7 @@ def quantize_to_codes(x: torch.Tensor, bit: int = 2, max_value: float = 2.0) -> 
     bit = _check_bit(fn, bit)
     max_value = _check_max_value(fn, max_value, x.dtype)
     t = compute_dtype(x.dtype)
-    m, n = _constants(t, x.device, bit, max_value)
+    m, n = reference.constants(t, x.device, bit, max_value)
     xt = x.to(t)
     # The formula's level (torch_ext.reference: clip, divide, multiply, add, floor), NaN -> 0.
     v = reference.level(reference.clip(xt, m), m, n)
@@ -165,7 +157,5 @@ def codes_to_values(
         )
     max_value = _check_max_value(fn, max_value, dtype)
     t = compute_dtype(dtype)
-    m, n = _constants(t, codes.device, bit, max_value)
-    v = torch.div(codes.to(t), n)
-    v.mul_(m)
-    return v.to(dtype)
+    m, n = reference.constants(t, codes.device, bit, max_value)
+    return reference.dequantize(codes.to(t), m, n).to(dtype)

@@ -4,7 +4,8 @@
 (``torch.onnx.export(..., dynamo=True)``). The registered operator
 ``torch.ops.torch_ext.linear_mid_tread_half_quantize`` has no ONNX
 counterpart, so a ``custom_translation_table`` writes it with standard ONNX
-operators, step for step in docs/quantizer.md's order and compute type::
+operators, step for step in docs/quantizer.md's order and compute type (the
+steps of :mod:`torch_ext.reference`, run on ONNX nodes)::
 
     c = Where(x < 0, 0, x); c = Where(c > m, m, c)     # NaN kept, -inf -> 0, +inf -> m
     y = Mul(Div(Floor(Add(Mul(Div(c, m), n), 0.5)), n), m)   # bit 32: y = c
@@ -44,10 +45,13 @@ import copy
 import ctypes
 import operator
 import os
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from . import reference
 
 __all__ = ["export_aoti", "export_onnx", "export_trained_model", "onnx_translation_table", "run_onnx"]
 
@@ -58,8 +62,24 @@ Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
 # The quantizer in standard ONNX operators.
 
 
+def _onnx_steps(np_t) -> SimpleNamespace:
+    """:class:`torch_ext.reference.Steps` as ONNX nodes (opset 18), constants in T (``np_t``)."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    def constant(value: float):
+        # One rounding of the Python double to T, like the kernels' T(max_value).
+        return op.Constant(value=ir.tensor(np_t(value)))
+
+    return SimpleNamespace(constant=constant, less=op.Less, greater=op.Greater, where=op.Where, div=op.Div,
+                           mul=op.Mul, add=op.Add, floor=op.Floor)
+
+
 def _quantize_onnx(x, bit: int, max_value: float):
-    """ONNX translation of ``torch_ext::linear_mid_tread_half_quantize`` (traced by the exporter)."""
+    """ONNX translation of ``torch_ext::linear_mid_tread_half_quantize`` (traced by the exporter).
+
+    The formula is :mod:`torch_ext.reference`'s, run on ONNX nodes instead of tensors.
+    """
     import numpy as np
     import onnx_ir as ir
     from onnxscript import opset18 as op
@@ -69,26 +89,11 @@ def _quantize_onnx(x, bit: int, max_value: float):
         t, np_t = ir.DataType.DOUBLE, np.float64
     else:
         t, np_t = ir.DataType.FLOAT, np.float32
-
-    def const(value: float):
-        # One rounding of the Python double to T, like the kernels' T(max_value).
-        return op.Constant(value=ir.tensor(np_t(value)))
-
+    steps = _onnx_steps(np_t)
+    m = steps.constant(max_value)
+    n = None if bit == 32 else steps.constant(reference.levels_above_zero(bit))
     xt = x if dtype == t else op.Cast(x, to=t)
-    zero = const(0.0)
-    m = const(max_value)
-    c = op.Where(op.Less(xt, zero), zero, xt)
-    c = op.Where(op.Greater(c, m), m, c)
-    if bit == 32:
-        y = c
-    else:
-        n = const(2.0**bit - 1.0)
-        v = op.Div(c, m)
-        v = op.Mul(v, n)
-        v = op.Add(v, const(0.5))
-        v = op.Floor(v)
-        v = op.Div(v, n)
-        y = op.Mul(v, m)
+    y = reference.quantize_in_compute_type(xt, m, n, steps)
     return y if dtype == t else op.Cast(y, to=dtype)
 
 
@@ -267,46 +272,68 @@ def export_onnx(
         raise TypeError(f"export_onnx: model must be a torch.nn.Module, got {type(model).__name__}")
     args = _as_tuple(example_inputs)
     _require("export_onnx", "onnx", "onnxscript")
+    export_model = _model_to_export(model, fold_weights)
+    _check_runs(type(model).__name__, export_model, args)
+    if "dynamo" in kwargs and not kwargs.pop("dynamo"):
+        raise ValueError(
+            "export_onnx: uses the dynamo exporter (torch.onnx.export(..., dynamo=True)); dynamo=False is not supported"
+        )
+    args, dynamic_shapes = _dynamic_shapes(args, dynamic_batch, kwargs.pop("dynamic_shapes", None))
+    ep = _exported_program(export_model, args, dynamic_shapes)
+    table = onnx_translation_table()
+    table.update(kwargs.pop("custom_translation_table", None) or {})
+    kwargs.setdefault("verbose", False)
+    kwargs.setdefault("external_data", False)
+    if dynamic_shapes is not None:
+        kwargs["dynamic_shapes"] = dynamic_shapes  # names the ONNX dims ("batch")
+    return torch.onnx.export(ep, args, os.fspath(path), dynamo=True, custom_translation_table=table, **kwargs)
+
+
+def _model_to_export(model: nn.Module, fold_weights: bool) -> nn.Module:
+    """An eval-mode copy of ``model``, learned max_values frozen and (``fold_weights``) weight quantizers folded."""
+    from .modules import QuantActivation
 
     export_model = copy.deepcopy(model).eval()
     # A learned max_value (QuantActivation(learn_max_value=...)) is exported as
     # its value: the fixed quantizer with that m, a constant of the graph.
-    from .modules import QuantActivation
-
     for module in export_model.modules():
         if isinstance(module, QuantActivation):
             module.freeze_max_value_()
     if fold_weights:
         _fold_weight_quantizers(export_model)
+    return export_model
 
-    # Run the model once: a bad input shape fails here, with the model's own
-    # message, instead of deep inside torch.export.
+
+def _check_runs(model_name: str, export_model: nn.Module, args: Tuple[torch.Tensor, ...]) -> None:
+    """Run the model once: a bad input shape fails here, with the model's own message, not deep in torch.export."""
     with torch.no_grad():
         try:
             export_model(*args)
         except Exception as exc:
             raise ValueError(
-                f"export_onnx: {type(model).__name__} cannot run on the example input(s) {_describe(args)}: "
+                f"export_onnx: {model_name} cannot run on the example input(s) {_describe(args)}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
-    if "dynamo" in kwargs and not kwargs.pop("dynamo"):
-        raise ValueError(
-            "export_onnx: uses the dynamo exporter (torch.onnx.export(..., dynamo=True)); dynamo=False is not supported"
-        )
-    dynamic_shapes = kwargs.pop("dynamic_shapes", None)
+
+def _dynamic_shapes(args: Tuple[torch.Tensor, ...], dynamic_batch: bool, dynamic_shapes: Any):
+    """``(args, dynamic_shapes)`` for torch.export: the user's, or dim 0 of every input named "batch"."""
     if dynamic_batch and dynamic_shapes is not None:
         raise ValueError("export_onnx: give dynamic_batch=True or dynamic_shapes, not both")
-    if dynamic_batch:
-        for i, t in enumerate(args):
-            if t.dim() == 0:
-                raise ValueError(f"export_onnx: dynamic_batch needs inputs with a batch dim, input {i} is 0-dim")
-        if any(t.shape[0] == 1 for t in args):
-            # torch.export specializes a dim of size 1; trace with a batch of 2.
-            args = tuple(torch.cat([t, t]) for t in args)
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in args)
+    if not dynamic_batch:
+        return args, dynamic_shapes
+    for i, t in enumerate(args):
+        if t.dim() == 0:
+            raise ValueError(f"export_onnx: dynamic_batch needs inputs with a batch dim, input {i} is 0-dim")
+    if any(t.shape[0] == 1 for t in args):
+        # torch.export specializes a dim of size 1; trace with a batch of 2.
+        args = tuple(torch.cat([t, t]) for t in args)
+    batch = torch.export.Dim("batch")
+    return args, tuple({0: batch} for _ in args)
 
+
+def _exported_program(export_model: nn.Module, args: Tuple[torch.Tensor, ...], dynamic_shapes: Any):
+    """``torch.export`` of the prepared model, in-place quantizers written as out-of-place ones."""
     with torch.no_grad():
         ep = torch.export.export(export_model, args, dynamic_shapes=dynamic_shapes, strict=False)
     # In-place quantizers: functionalize (no decompositions yet: the ONNX
@@ -315,14 +342,7 @@ def export_onnx(
     if any(node.target is inplace_op for node in ep.graph.nodes):
         ep = ep.run_decompositions({})
         _replace_inplace_quantizers(ep)
-
-    table = onnx_translation_table()
-    table.update(kwargs.pop("custom_translation_table", None) or {})
-    kwargs.setdefault("verbose", False)
-    kwargs.setdefault("external_data", False)
-    if dynamic_shapes is not None:
-        kwargs["dynamic_shapes"] = dynamic_shapes  # names the ONNX dims ("batch")
-    return torch.onnx.export(ep, args, os.fspath(path), dynamo=True, custom_translation_table=table, **kwargs)
+    return ep
 
 
 def export_trained_model(

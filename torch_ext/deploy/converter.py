@@ -28,6 +28,7 @@ from torch import nn
 
 from ..models import SpaceToDepth, _GlobalAveragePool
 from ..modules import QuantActivation
+from ..ops.packed import pack_binary_weights
 from ..quant_conv import QuantConv2d
 from . import _stages as st
 
@@ -327,6 +328,25 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, i
             converted (training mode, an unknown module type, a
             ``QuantActivation`` with more than 4 bits, a non-float32 model, ...).
     """
+    _check_convertible(model)
+    if example_input is None:
+        example_input = _example_input(model, image_size)
+    traced = _trace_chain(model, example_input)
+    chain = [(name, module) for name, module, _shape in traced]
+    for name, module in chain:
+        if not isinstance(module, (nn.Conv2d, QuantActivation, SpaceToDepth, _GlobalAveragePool, nn.Dropout)
+                          + _FLOAT_PASSTHROUGH):
+            _float_module(name, module)  # raises the "unknown module type" error
+    stages = _StageBuilder(chain, [shape for _name, _module, shape in traced]).build()
+    if not stages:
+        raise _refuse("", model, "nothing to run")
+    deployed = DeployedModel(stages, int(example_input.shape[1]), type(model).__name__)
+    deployed.requires_grad_(False)
+    return deployed.eval()
+
+
+def _check_convertible(model: nn.Module) -> None:
+    """Refuse, naming the module or tensor, a model the converter cannot take as it is."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
@@ -341,75 +361,74 @@ def convert(model: nn.Module, example_input: Optional[torch.Tensor] = None, *, i
     for name, module in model.named_modules():
         if isinstance(module, QuantActivation):
             _quant_params(name, module)  # (a custom backward plays no part in inference)
-    if example_input is None:
-        example_input = _example_input(model, image_size)
-    traced = _trace_chain(model, example_input)
-    chain = [(name, module) for name, module, _shape in traced]
-    for name, module in chain:
-        if not isinstance(module, (nn.Conv2d, QuantActivation, SpaceToDepth, _GlobalAveragePool, nn.Dropout)
-                          + _FLOAT_PASSTHROUGH):
-            _float_module(name, module)  # raises the "unknown module type" error
 
-    stages: List[nn.Module] = []
-    floats: List[nn.Module] = []
-    # Packed state: (channels, bit, max_value) of the packed codes, or None while the data is float.
-    packed: Optional[Tuple[int, int, float]] = None
 
-    def flush_floats() -> None:
-        if floats:
-            stages.append(st.FloatStage(list(floats)))
-            floats.clear()
+class _StageBuilder:
+    """The stages of a traced chain, built left to right.
 
-    def to_float() -> None:
-        nonlocal packed
-        if packed is not None:
-            stages.append(st.CodesToFloatStage(*packed))
-            packed = None
+    While the data is float, modules gather into one :class:`FloatStage`; a
+    ``QuantActivation`` turns the data into packed codes (``packed``: their
+    channels, bit and max_value), which packed stages then carry until a
+    module needs float values again.
+    """
 
-    i = 0
-    while i < len(chain):
-        name, module = chain[i]
-        if packed is None:
-            if isinstance(module, QuantActivation):
-                flush_floats()
-                bit, max_value = _quant_params(name, module)
-                shape = traced[i][2]
-                if len(shape) != 4:
-                    raise _refuse(name, module, f"its input has shape {shape}; packed codes need [N, C, H, W]")
-                channels = int(shape[1])
-                stages.append(st.QuantizeStage(name, channels, bit, max_value))
-                packed = (channels, bit, max_value)
-            else:
-                m = _float_module(name, module)
-                if m is not None:
-                    floats.append(m)
-            i += 1
-            continue
+    def __init__(self, chain: List[Tuple[str, nn.Module]], shapes: List[Tuple[int, ...]]) -> None:
+        self.chain = chain
+        self.shapes = shapes
+        self.stages: List[nn.Module] = []
+        self.floats: List[nn.Module] = []
+        self.packed: Optional[Tuple[int, int, float]] = None
 
-        channels, bit, max_value = packed
+    def build(self) -> List[nn.Module]:
+        i = 0
+        while i < len(self.chain):
+            i = self._float_step(i) if self.packed is None else self._packed_step(i)
+        self._flush_floats()
+        if self.packed is not None:
+            self.stages.append(st.CodesToFloatStage(*self.packed))
+        return self.stages
+
+    def _flush_floats(self) -> None:
+        if self.floats:
+            self.stages.append(st.FloatStage(list(self.floats)))
+            self.floats.clear()
+
+    def _float_step(self, i: int) -> int:
+        """chain[i] on float data; returns the next index."""
+        name, module = self.chain[i]
+        if isinstance(module, QuantActivation):
+            self._flush_floats()
+            bit, max_value = _quant_params(name, module)
+            shape = self.shapes[i]
+            if len(shape) != 4:
+                raise _refuse(name, module, f"its input has shape {shape}; packed codes need [N, C, H, W]")
+            channels = int(shape[1])
+            self.stages.append(st.QuantizeStage(name, channels, bit, max_value))
+            self.packed = (channels, bit, max_value)
+        else:
+            m = _float_module(name, module)
+            if m is not None:
+                self.floats.append(m)
+        return i + 1
+
+    def _packed_step(self, i: int) -> int:
+        """chain[i] on packed codes; returns the next index (``i`` itself when the module needs float data)."""
+        name, module = self.chain[i]
+        channels, bit, max_value = self.packed
         if isinstance(module, (nn.Dropout, nn.Identity)):
-            i += 1
-            continue
+            return i + 1
         if isinstance(module, SpaceToDepth):
-            stages.append(st.PackedSpaceToDepthStage(channels, module.block_size))
-            packed = (channels * module.block_size**2, bit, max_value)
-            i += 1
-            continue
+            self.stages.append(st.PackedSpaceToDepthStage(channels, module.block_size))
+            self.packed = (channels * module.block_size**2, bit, max_value)
+            return i + 1
         scale = _packable_conv(name, module)
         if scale is not None:
-            i, packed = _convert_conv(chain, i, scale, packed, stages)
-            continue
-        to_float()
-        # Re-run this module in the float state.
-    flush_floats()
-    if not stages:
-        raise _refuse("", model, "nothing to run")
-    in_channels = int(example_input.shape[1])
-    if packed is not None:
-        stages.append(st.CodesToFloatStage(*packed))
-    deployed = DeployedModel(stages, in_channels, type(model).__name__)
-    deployed.requires_grad_(False)
-    return deployed.eval()
+            i, self.packed = _convert_conv(self.chain, i, scale, self.packed, self.stages)
+            return i
+        # Back to float values; the module runs in the float state.
+        self.stages.append(st.CodesToFloatStage(*self.packed))
+        self.packed = None
+        return i
 
 
 def _convert_conv(chain, i: int, scale: torch.Tensor, packed: Tuple[int, int, float], stages: List[nn.Module]):
@@ -418,7 +437,7 @@ def _convert_conv(chain, i: int, scale: torch.Tensor, packed: Tuple[int, int, fl
     channels, bit, max_value = packed
     if conv.in_channels != channels:
         raise _refuse(name, conv, f"in_channels={conv.in_channels} but its input has {channels} channels")
-    weight = torch.ops.torch_ext.pack_binary_weights(conv.weight.detach())
+    weight = pack_binary_weights(conv.weight.detach())
     stride = [int(s) for s in conv.stride]
     padding = _conv_padding(name, conv)
     kh, kw = conv.kernel_size
