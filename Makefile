@@ -89,7 +89,7 @@ train: $(BUILD_STAMP)
 	  --eval --speed-against runs/compare/lmnet_v1/checkpoint.pt
 
 bench: $(BUILD_STAMP)
-	$(PY) -m torch_ext.bench --json bench.json
+	$(PY) -m benchmarks.bench --json bench.json
 
 # The C++ library and Catch2 tests under AddressSanitizer and UBSan (CPU only).
 sanitize: $(DEPS_STAMP) catch2

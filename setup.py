@@ -170,6 +170,6 @@ setup(
         "test": _requirements("test") + _requirements("train") + _requirements("onnx"),
     },
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:cli", "torch-ext-bench=torch_ext.bench:main"]},
+    entry_points={"console_scripts": ["torch-ext-train=torch_ext.train:cli"]},
     zip_safe=False,
 )

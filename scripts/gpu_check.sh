@@ -24,10 +24,10 @@
 #                                        step); JUnit checked: no skip but "needs two GPUs"
 #   step memcheck    60 s  expect  30 s: compute-sanitizer memcheck, pytest -m sanitize tests/test_cuda.py
 #   step racecheck   40 s  expect  20 s: compute-sanitizer racecheck, the same selection
-#   step bench       80 s  expect  60 s: python -m torch_ext.bench --devices cuda (256M, 2 dtypes, contiguous
+#   step bench       80 s  expect  60 s: python -m benchmarks.bench --devices cuda (256M, 2 dtypes, contiguous
 #                                        and channels_last, with the torch.compile'd composite; AMP
 #                                        channels_last train steps of LmnetV1Quantize and of LmResnet with
-#                                        QuantActivation vs float twins); python -m torch_ext.bench --learnable
+#                                        QuantActivation vs float twins); python -m benchmarks.bench --learnable
 #                                        --devices cuda (PACT, LSQ vs the fixed operator, torch's, relu)
 #   step train       30 s  expect  15 s: (not a default step: the pytest step trains with AMP on CUDA)
 #                                        python -m torch_ext.train --device cuda --amp bf16 --epochs 1
@@ -166,7 +166,7 @@ step_sanitizer() {  # step_sanitizer TOOL BUDGET
 
 step_bench() {
   check_built || return 1
-  "$PY" -m torch_ext.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --layouts contiguous,channels_last \
+  "$PY" -m benchmarks.bench --devices cuda --sizes 256M --dtypes float32,bfloat16 --layouts contiguous,channels_last \
     --repeats 10 --warmup 3 --train-repeats 5 --train-amp bfloat16 --train-channels-last \
     --train-models lmnet_v1,lm_resnet \
     --json "$OUT/bench.json" || return 1
@@ -186,7 +186,7 @@ EOF
   [ $? -eq 0 ] || return 1
   # The learnable max_value (PACT, LSQ) against the fixed operator, torch's
   # learnable fake-quantize and relu, forward+backward, in the same rounds.
-  "$PY" -m torch_ext.bench --learnable --devices cuda --sizes 256M --dtypes float32,bfloat16 --repeats 10 \
+  "$PY" -m benchmarks.bench --learnable --devices cuda --sizes 256M --dtypes float32,bfloat16 --repeats 10 \
     --warmup 3 --json "$OUT/bench_learnable.json" || return 1
 }
 

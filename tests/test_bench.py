@@ -1,4 +1,4 @@
-"""Smoke test of ``python -m torch_ext.bench``: it runs, and its JSON is complete.
+"""Smoke test of ``python -m benchmarks.bench``: it runs, and its JSON is complete.
 
 Speed is never asserted here: only that every case ran and that the saved
 mask is 1/8 byte per element; and that ``--learnable`` and ``--deploy``
@@ -9,12 +9,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 torch = pytest.importorskip("torch")
-bench = pytest.importorskip("torch_ext.bench")
-bench_learnable = pytest.importorskip("torch_ext.bench_learnable")
+
+# The benchmarks live in benchmarks/ at the repository root (not installed):
+# importable with the root on sys.path, as `python -m benchmarks.bench` from the root has it.
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import _train_step, bench, bench_deploy, bench_learnable  # noqa: E402
 
 # The operator and training-step benchmarks: about half a minute (torch.compile
 # and two LMNet steps run inside). The --learnable/--deploy tests are fast.
@@ -131,7 +138,7 @@ def test_resnet_like_training_step(tmp_path):
 def test_the_resnet_pair_differs_only_in_its_activations():
     from torch_ext import QuantActivation
 
-    quantized, float_twin = bench._train_pair("lm_resnet").values()
+    quantized, float_twin = _train_step.train_pair("lm_resnet").values()
     q, f = quantized(), float_twin()
     assert [n for n, _ in q.named_parameters()] == [n for n, _ in f.named_parameters()]
     assert any(isinstance(m, QuantActivation) for m in q.modules())
@@ -158,7 +165,7 @@ def test_bad_options_are_refused():
 
 
 # --------------------------------------------------------------------------
-# --learnable (torch_ext.bench_learnable) and --deploy.
+# --learnable (benchmarks.bench_learnable) and --deploy (benchmarks.bench_deploy).
 
 
 @pytest.fixture
@@ -245,18 +252,16 @@ def test_learnable_refuses_what_it_cannot_honour(options, named):
 
 def test_a_refused_option_is_one_line_and_a_nonzero_exit():
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "torch_ext.bench", "--learnable", "--sizes", "64K",
-                           "--train-batch", "4"], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--learnable", "--sizes", "64K",
+                           "--train-batch", "4"], capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
     assert proc.returncode != 0
     assert proc.stdout == ""
     assert proc.stderr.strip() == "--learnable: cannot honour --train-batch: it times no training step"
 
 
 def test_deploy_forwards_threads_repeats_json(monkeypatch, tmp_path):
-    from torch_ext.deploy import bench as deploy_bench
-
     calls = []
-    monkeypatch.setattr(deploy_bench, "main", lambda argv=None: calls.append(list(argv)) or {})
+    monkeypatch.setattr(bench_deploy, "main", lambda argv=None: calls.append(list(argv)) or {})
     path = str(tmp_path / "deploy.json")
     assert bench.main(["--deploy", "--repeats", "2", "--threads", "1", "--json", path, "--devices", "cpu"]) == 0
     assert bench.main(["--deploy"]) == 0
@@ -273,9 +278,7 @@ def test_deploy_forwards_threads_repeats_json(monkeypatch, tmp_path):
     (["--train-batch", "4"], "--train-batch"),
 ])
 def test_deploy_refuses_what_it_cannot_honour(monkeypatch, options, named):
-    from torch_ext.deploy import bench as deploy_bench
-
-    monkeypatch.setattr(deploy_bench, "main", lambda argv=None: pytest.fail("ran despite a refused option"))
+    monkeypatch.setattr(bench_deploy, "main", lambda argv=None: pytest.fail("ran despite a refused option"))
     with pytest.raises(SystemExit) as exc:
         bench.main(["--deploy"] + options)
     message = str(exc.value.code)
@@ -309,3 +312,46 @@ def test_bench_learnable_defaults_are_unchanged(monkeypatch, keep_threads):
     assert bench_learnable.main([]) == {}
     assert seen == {"devices": ["cpu"], "sizes": [1 << 24], "dtypes": ["float32"], "repeats": 15, "threads": 2,
                     "bit": 2}
+
+
+# --------------------------------------------------------------------------
+# The deploy benchmark (benchmarks/bench_deploy.py) and how the benchmarks are run.
+
+
+def test_deploy_bench_runs_and_reports_every_candidate(keep_threads):
+    import io
+
+    text = io.StringIO()
+    result = bench_deploy.run(batch_sizes=(2,), threads=1, repeats=1, out=text, onnx=False)
+    rows = result["batches"]["2"]
+    assert sorted(rows) == ["deployed", "deployed_aoti", "deployed_exported", "deployed_script", "float_lmnet",
+                            "w1a2_pytorch"]
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert [layer["layer"] for layer in result["layers"]["2"]] == ["conv2.act", "conv3.act", "conv4.act",
+                                                                    "conv5.act", "stage9"]
+    assert result["weight_bytes"]["float_lmnet"] >= 25 * result["weight_bytes"]["deployed"]
+    assert "float/this" in text.getvalue() and "Gbop/s" in text.getvalue()
+
+
+@pytest.mark.parametrize("option, value", [("--threads", "0"), ("--repeats", "0"), ("--batch-sizes", "-1")])
+def test_deploy_bench_refuses_a_bad_count_naming_it(option, value):
+    with pytest.raises(ValueError, match=f"^{option} must be >= 1, got {value}$"):
+        bench_deploy.main([option, value])
+
+
+@pytest.mark.parametrize("text, why", [("12Q", "size must be a number with an optional K/M/G suffix, got '12Q'"),
+                                       ("0", "size must be positive, got '0'")])
+def test_a_bad_size_is_refused_naming_it(capsys, text, why):
+    assert bench._parser().parse_args(["--sizes", "64K,16M,1000"]).sizes == [65536, 1 << 24, 1000]
+    with pytest.raises(SystemExit):
+        bench._parser().parse_args(["--sizes", text])
+    assert f"argument --sizes: {why}" in capsys.readouterr().err
+
+
+def test_run_as_a_file_says_how_to_run_it():
+    """The one documented form is `python -m benchmarks.bench` from the root; a file run says so, in one line."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "benchmarks/bench.py", "--help"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=REPO)
+    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.stderr.strip() == "run it from the repository root as a module: python -m benchmarks.bench"

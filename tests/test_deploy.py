@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -599,7 +598,7 @@ def test_digits_trained_model_predictions_agree(one_thread):
 
 
 # --------------------------------------------------------------------------
-# python -m torch_ext.deploy
+# python -m torch_ext.deploy (its benchmark, benchmarks/bench_deploy.py, is tested in tests/test_bench.py)
 
 
 @pytest.mark.slow
@@ -635,21 +634,6 @@ def test_deploy_command_converts_a_training_checkpoint(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert cli([str(garbage), "--out", str(out)]) == 2
-
-
-def test_bench_runs_and_reports_every_candidate():
-    from torch_ext.deploy import bench
-
-    text = io.StringIO()
-    result = bench.run(batch_sizes=(2,), threads=1, repeats=1, out=text, onnx=False)
-    rows = result["batches"]["2"]
-    assert sorted(rows) == ["deployed", "deployed_aoti", "deployed_exported", "deployed_script", "float_lmnet",
-                            "w1a2_pytorch"]
-    assert all(r["seconds"] > 0 for r in rows.values())
-    assert [layer["layer"] for layer in result["layers"]["2"]] == ["conv2.act", "conv3.act", "conv4.act",
-                                                                    "conv5.act", "stage9"]
-    assert result["weight_bytes"]["float_lmnet"] >= 25 * result["weight_bytes"]["deployed"]
-    assert "float/this" in text.getvalue() and "Gbop/s" in text.getvalue()
 
 
 def test_inplace_quantizers_channels_last_and_clip_only():

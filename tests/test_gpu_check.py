@@ -5,8 +5,9 @@ given back; everything it can get wrong without a GPU is checked here: its
 syntax, its time budget, that it fails fast (and says why) without a GPU, the
 CUDA toolkit it picks behind an nvcc wrapper script, the C++ compiler it and
 setup.py accept (one that links libstdc++ shared), that its pytest step
-selects every CUDA test, and the JUnit checker that keeps it from passing by
-skipping.
+selects every CUDA test, that its bench step's commands name the benchmarks
+(``benchmarks/``) and options that exist, and the JUnit checker that keeps it
+from passing by skipping.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -90,6 +92,36 @@ def test_list_shows_the_budgets():
     assert r.returncode == 0, r.stderr
     for name, (budget, _, _) in header_steps().items():
         assert re.search(rf"^  {name} +{budget} s", r.stdout, re.MULTILINE), r.stdout
+
+
+def _python_module_commands(step: str) -> list[list[str]]:
+    """The ``"$PY" -m MODULE ARGS`` commands of the function ``step_<step>`` of the script, split as bash would."""
+    text = SCRIPT.read_text()
+    m = re.search(rf"^step_{step}\(\) \{{\n(.*?)^\}}", text, re.MULTILINE | re.DOTALL)
+    assert m, f"step_{step}() not found in gpu_check.sh"
+    body = m.group(1).replace("\\\n", " ")  # continuation lines joined
+    commands = []
+    for line in body.splitlines():
+        line = line.strip()
+        if line.startswith('"$PY" -m '):
+            command = line.split("||")[0].replace("$OUT", "/out")
+            commands.append(shlex.split(command)[2:])
+    return commands
+
+
+def test_the_bench_step_runs_the_benchmarks_with_options_they_take(monkeypatch):
+    """The bench step's commands name modules of benchmarks/ (run from the root) and options their parser takes."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench
+
+    commands = _python_module_commands("bench")
+    assert [c[0] for c in commands] == ["benchmarks.bench", "benchmarks.bench"], commands
+    assert "--learnable" in commands[1]
+    for module, *args in commands:
+        assert importlib.util.find_spec(module) is not None, f"gpu_check.sh runs {module}, which does not exist"
+        parsed = bench._parser().parse_args(args)
+        bench._check_args(parsed)  # the values too: dtypes, layouts, train models
+        assert parsed.devices == ["cuda"] and parsed.json.startswith("/out/"), args
 
 
 def test_unknown_step_is_refused(tmp_path):

@@ -5,12 +5,18 @@ sdist* (so the sdist must hold every source and header), install the wheel
 into a fresh virtual environment that shares this environment's torch, and
 from a folder outside the repository import torch_ext, run the operator
 forward and backward, ``--help`` of every command and one short training
-epoch. The wheel is built with ``FORCE_CUDA=0`` to keep this test to about
-two minutes; the CUDA build and the toolkit search are tested in
-``test_cuda_toolkit_*`` below and by ``make test``'s own build.
+epoch; and that the benchmarks (``benchmarks/`` at the repository root) stay
+out of the wheel (``test_benchmarks_stay_out_of_the_package`` checks that
+cheaply, from setup.py, without building). The wheel is built with
+``FORCE_CUDA=0`` to keep this test to about two minutes; the CUDA build and
+the toolkit search are tested in ``test_cuda_toolkit_*`` below and by ``make
+test``'s own build.
 """
 
+import ast
 import email.parser
+import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -25,7 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import cuda_toolkit  # noqa: E402  (scripts/cuda_toolkit.py, what setup.py loads)
 
-COMMANDS = ("torch_ext.train", "torch_ext.bench")
+COMMANDS = ("torch_ext.train", "torch_ext.deploy")
+#: The installed console scripts.
+SCRIPTS = ("torch-ext-train",)
 
 
 def _tracked(prefixes=("",)):
@@ -101,10 +109,16 @@ def test_wheel_holds_every_module_and_declares_its_extras(packages):
         names = set(whl.namelist())
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = email.parser.Parser().parsestr(whl.read(metadata_name).decode())
+        entry_points = {n: whl.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")}
     modules = [p for p in _tracked(("torch_ext/",)) if p.endswith(".py")]
     missing = sorted(set(modules) - names)
     assert not missing, f"the wheel lacks {missing}"
     assert any(n.startswith("torch_ext/_C") and n.endswith(".so") for n in names)
+    # The benchmarks are run from the repository root, never installed.
+    benches = sorted(n for n in names if n.startswith("benchmarks/") or "bench" in n.rsplit("/", 1)[-1])
+    assert not benches, f"the wheel holds benchmark files {benches}"
+    for name, text in entry_points.items():
+        assert "bench" not in text, f"{name} declares a benchmark command:\n{text}"
     import torch
 
     minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
@@ -132,12 +146,71 @@ def test_installed_wheel_works_outside_the_source_tree(venv):
     _run([py, "-c", check], cwd=cwd)
     for command in COMMANDS:
         assert "usage:" in _run([py, "-m", command, "--help"], cwd=cwd).stdout
-    for script in ("torch-ext-train", "torch-ext-bench"):
+    for script in SCRIPTS:
         assert "usage:" in _run([str(venv["bin"] / script), "--help"], cwd=cwd).stdout
+    assert not sorted(p.name for p in venv["bin"].glob("*bench*")), "a benchmark command was installed"
+    proc = subprocess.run([py, "-c", "import benchmarks"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "No module named 'benchmarks'" in proc.stderr, proc.stderr
     out = cwd / "run"
     _run([py, "-m", "torch_ext.train", "--epochs", "1", "--image-size", "8", "--batch-size", "64", "--threads", "1",
           "--no-progress", "--device", "cpu", "--out", str(out)], cwd=cwd)
     assert (out / "checkpoint.pt").is_file() and (out / "training.png").is_file()
+
+
+def _setup_call(setup_py: Path) -> ast.Call:
+    """The ``setup(...)`` call of ``setup_py``, parsed, not run."""
+    calls = [n for n in ast.walk(ast.parse(setup_py.read_text(), str(setup_py)))
+             if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "setup"]
+    assert len(calls) == 1, f"{setup_py}: expected one setup(...) call, found {len(calls)}"
+    return calls[0]
+
+
+def _keyword(call: ast.Call, name: str) -> ast.expr:
+    (value,) = [k.value for k in call.keywords if k.arg == name]
+    return value
+
+
+def packaging_problems(setup_py: Path) -> list:
+    """What would put a benchmark into the wheel, or leave a command pointing at one; [] when nothing.
+
+    Read from ``setup_py`` without running it: the packages its
+    ``find_packages(...)`` call finds (from the repository, not the copy a
+    wheel is built from), the modules of ``torch_ext`` and its console scripts.
+    """
+    import setuptools
+
+    from_setup = _keyword(_setup_call(setup_py), "packages")
+    assert isinstance(from_setup, ast.Call) and getattr(from_setup.func, "id", None) == "find_packages", (
+        f"{setup_py}: packages= is no find_packages(...) call")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in from_setup.keywords}
+    packages = setuptools.find_packages(where=str(REPO), **kwargs)
+    problems = [f"find_packages(**{kwargs}) takes {p}" for p in packages if not p.startswith("torch_ext")]
+    if "torch_ext" not in packages:
+        problems.append(f"find_packages(**{kwargs}) leaves out torch_ext: {packages}")
+    for path in sorted((REPO / "torch_ext").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if "bench" in path.name:
+            problems.append(f"{rel}: a benchmark inside the package (they belong in benchmarks/)")
+        imports = [n for n in ast.walk(ast.parse(path.read_text(), rel)) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        for node in imports:
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(m == "benchmarks" or m.startswith("benchmarks.") for m in modules):
+                problems.append(f"{rel}:{node.lineno}: imports benchmarks (benchmarks import torch_ext, not the "
+                                "reverse)")
+    scripts = ast.literal_eval(_keyword(_setup_call(setup_py), "entry_points")).get("console_scripts", [])
+    for entry in scripts:
+        name, _, target = (part.strip() for part in entry.partition("="))
+        module, _, function = target.partition(":")
+        if "bench" in name or not module.startswith("torch_ext") or importlib.util.find_spec(module) is None:
+            problems.append(f"console script {entry!r}: not a command of the torch_ext package")
+        elif not callable(getattr(importlib.import_module(module), function, None)):
+            problems.append(f"console script {entry!r}: {module} has no function {function!r}")
+    return problems
+
+
+def test_benchmarks_stay_out_of_the_package():
+    """The cheap half of the wheel tests: benchmarks/ is no package of setup.py, torch_ext holds none."""
+    assert packaging_problems(REPO / "setup.py") == []
 
 
 def test_missing_extra_is_one_clear_line(tmp_path):

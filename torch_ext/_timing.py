@@ -1,16 +1,18 @@
-"""Side-by-side timing shared by the benchmarks (torch_ext.bench, bench_learnable, deploy.bench, deploy's --speed-against).
+"""Side-by-side timing: ``python -m torch_ext.deploy --speed-against`` and the benchmarks use it.
 
 :func:`interleaved_medians` warms each function up, calibrates how many calls
 make one sample (a millisecond or two), then samples them round-robin with
 the order rotated every round, so that the noise of a shared machine hits
 them all alike, and returns each one's median. CUDA samples are timed with
-CUDA events. It imports no command module: the benchmarks and the commands
-import it, never each other's entry points.
+CUDA events.
+
+It stays in the package for the deploy command; the benchmarks themselves
+live in ``benchmarks/`` at the repository root, are not installed, and
+import this module (nothing in ``torch_ext`` imports them).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import math
 import statistics
@@ -28,26 +30,6 @@ _T0 = time.perf_counter()
 
 def _log(msg: str) -> None:
     print(f"[bench {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _parse_size(text: str) -> int:
-    text = text.strip().upper()
-    scale = 1
-    for suffix, factor in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if text.endswith(suffix):
-            text, scale = text[:-1], factor
-            break
-    value = int(float(text) * scale)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
-
-
-def _size_name(n: int) -> str:
-    for suffix, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n >= factor and n % factor == 0:
-            return f"{n // factor}{suffix}"
-    return str(n)
 
 
 def _sync(device: torch.device) -> None:

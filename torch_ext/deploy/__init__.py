@@ -8,7 +8,8 @@
   and the activation quantizer folded into integer thresholds.
 * ``python -m torch_ext.deploy CHECKPOINT --out model.pt [--eval]`` converts a
   training checkpoint and saves TorchScript.
-* :mod:`torch_ext.deploy.bench` measures it against the float models.
+* ``python -m benchmarks.bench_deploy`` (``benchmarks/`` at the repository
+  root, not installed) measures it against the float models.
 """
 
 from __future__ import annotations

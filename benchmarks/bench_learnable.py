@@ -1,10 +1,10 @@
 """Side-by-side timing of the learnable-max_value quantizer (forward + backward).
 
-    python -m torch_ext.bench_learnable [--numel 16M] [--threads 2] [--repeats 15] [--warmup 1]
-                                        [--device cpu] [--dtype float32] [--bit 2] [--json PATH]
+    python -m benchmarks.bench_learnable [--numel 16M] [--threads 2] [--repeats 15] [--warmup 1]
+                                         [--device cpu] [--dtype float32] [--bit 2] [--json PATH]
 
-(``python -m torch_ext.bench --learnable`` runs the same, over its
-``--devices``, ``--sizes`` and ``--dtypes``.)
+from the repository root (``python -m benchmarks.bench --learnable`` runs the
+same, over its ``--devices``, ``--sizes`` and ``--dtypes``).
 
 Rows, all on the same ``x`` and ``grad`` (``--dtype``: float32 or bfloat16;
 max_value stays a float32 0-dim tensor):
@@ -16,7 +16,8 @@ max_value stays a float32 0-dim tensor):
 * relu: ``torch.relu`` forward + backward, the memory-bound yardstick;
 * copy: ``dst.copy_(x)`` into a preallocated tensor, the device's copy speed.
 
-Timing: ``torch_ext.bench``'s interleaving loop. Every row is warmed up, then
+Timing: the benchmarks' interleaving loop
+(:func:`torch_ext._timing.interleaved_medians`). Every row is warmed up, then
 the rows are timed round-robin, one sample of every row per round, the order
 rotated each round, so that load on a shared machine hits all rows alike; a
 sample repeats the call enough to last a millisecond or two (small sizes) and
@@ -31,8 +32,6 @@ assertion about speed lives in the tests.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
@@ -40,7 +39,12 @@ from typing import Callable, Dict, List, Optional, Sequence, TextIO
 import torch
 
 import torch_ext
-from torch_ext._timing import _parse_size, _size_name, interleaved_medians
+from torch_ext._timing import interleaved_medians
+
+if not __package__:  # run as a file: the relative imports below need the package
+    raise SystemExit("run it from the repository root as a module: python -m benchmarks.bench_learnable")
+
+from ._common import parse_size, size_name, write_json
 
 __all__ = ["DTYPES", "ROWS", "benchmark", "main", "run_case"]
 
@@ -125,7 +129,7 @@ def _ratio(value: Optional[float], name: str) -> str:
 
 def _print_case(records: Sequence[Dict[str, object]], out: TextIO) -> None:
     r0 = records[0]
-    print(f"forward+backward, {_size_name(r0['size'])} ({r0['size']}) {r0['dtype']} elements, bit={r0['bit']}, "
+    print(f"forward+backward, {size_name(r0['size'])} ({r0['size']}) {r0['dtype']} elements, bit={r0['bit']}, "
           f"{r0['device']}, {r0['threads']} threads, median of {r0['repeats']} interleaved rounds "
           f"(warm-up {r0['warmup']})", file=out)
     for r in records:
@@ -136,13 +140,6 @@ def _print_case(records: Sequence[Dict[str, object]], out: TextIO) -> None:
         to_relu = r["ratio_to_relu"] if r["row"] not in ("relu", "copy") else None
         print(f"  {r['row']:<9} {r['ms']:9.3f} ms   {_ratio(r['ratio_to_fixed'], 'fixed')}   "
               f"{_ratio(to_relu, 'relu')}".rstrip(), file=out)
-
-
-def _write_json(path: str, doc: Dict[str, object]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
 
 
 def benchmark(devices: Sequence[str] = ("cpu",), sizes: Sequence[int] = (DEFAULT_NUMEL,),
@@ -196,7 +193,7 @@ def benchmark(devices: Sequence[str] = ("cpu",), sizes: Sequence[int] = (DEFAULT
                 out.flush()
                 doc["results"] += records
                 if json_path:
-                    _write_json(json_path, doc)
+                    write_json(json_path, doc)
     print("x fixed, x relu: the row's median time / fixed's, / relu's (relu: forward + backward of torch.relu; "
           "copy: dst.copy_(x), preallocated)", file=out)
     return doc
@@ -204,8 +201,8 @@ def benchmark(devices: Sequence[str] = ("cpu",), sizes: Sequence[int] = (DEFAULT
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """The CLI: one device, size and dtype. Returns ``{row: median ms}`` of the rows that ran."""
-    p = argparse.ArgumentParser(prog="python -m torch_ext.bench_learnable", description=__doc__.split("\n")[0])
-    p.add_argument("--numel", type=_parse_size, default=DEFAULT_NUMEL, help="elements (K/M/G suffixes allowed)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_learnable", description=__doc__.split("\n")[0])
+    p.add_argument("--numel", type=parse_size, default=DEFAULT_NUMEL, help="elements (K/M/G suffixes allowed)")
     p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch.set_num_threads")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="timed interleaved rounds")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help="warm-up calls of every row")
