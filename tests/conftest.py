@@ -2,6 +2,10 @@
 
 - ``devices``/``device``: "cpu", plus "cuda" where a GPU is visible and
   torch_ext was built with its CUDA kernels.
+- ``ALL_DEVICES``: "cpu" and "cuda" for ``parametrize("device", ...)``, the
+  "cuda" case collected everywhere and skipped, with the reason, without a GPU.
+- ``values_with_specials``/``grads_like``: the fixed quantizer's inputs
+  (ties, their neighbours, specials) and gradients (inf, NaN, -0.0 mixed in).
 - ``assert_bit_exact``: compares two tensors bit for bit (viewed as integers
   of the same width), so that -0.0 vs 0.0 and NaN payloads count.
 - hypothesis profiles: "ci" (loaded by default: a fixed, modest, derandomized
@@ -134,6 +138,11 @@ CUDA_SKIP_REASON = (
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON)
 
 DEVICES = ("cpu",) + (("cuda",) if HAS_CUDA else ())
+#: "cpu" and "cuda", the "cuda" case always collected and skipped, with the
+#: reason, where no usable GPU is (``@pytest.mark.parametrize("device",
+#: ALL_DEVICES)``): a family's CUDA cases beside its CPU ones, marked ``cuda``
+#: by pytest_collection_modifyitems on every machine.
+ALL_DEVICES = ("cpu", pytest.param("cuda", marks=requires_cuda))
 
 
 def _has_triton() -> bool:
@@ -332,6 +341,31 @@ def tie_values(dtype: torch.dtype, bit: int, max_value: float, max_k: int | None
     ).to(dtype)
     base = torch.cat([ties, m, 2 * m, m / 2])
     return torch.cat([base, next_down(base), next_up(base), specials])
+
+
+def values_with_specials(shape, dtype, max_value=2.0, seed=0, nan=True) -> torch.Tensor:
+    """CPU values over [-m/2, 3m/2] with 3-bit ties, their neighbours and specials."""
+    g = torch.Generator().manual_seed(seed)
+    numel = math.prod(shape)
+    x = ((torch.rand(numel, generator=g, dtype=torch.float64) * 2.0 - 0.5) * max_value).to(dtype)
+    special = tie_values(dtype, 3, max_value)
+    if not nan:
+        special = special[~special.isnan()]
+    if numel:
+        idx = torch.randint(0, numel, (min(numel, special.numel()),), generator=g)
+        x[idx] = special[torch.randint(0, special.numel(), (idx.numel(),), generator=g)]
+    return x.reshape(shape)
+
+
+def grads_like(x: torch.Tensor, seed=1) -> torch.Tensor:
+    """grad_y for x (on x's device) with inf, -inf, NaN and -0.0 mixed in."""
+    g = values_with_specials(x.shape, x.dtype, 1.0, seed=seed)
+    flat = g.view(-1)
+    flat[::5] = float("inf")
+    flat[1::7] = float("nan")
+    flat[2::9] = float("-inf")
+    flat[3::11] = -0.0
+    return g.to(x.device)
 
 
 @pytest.fixture

@@ -696,7 +696,8 @@ def test_check_junit_refuses_pytests_own_junit_of_the_cuda_tests_here(tmp_path):
     r = subprocess.run([sys.executable, str(CHECK_JUNIT), str(xml)], capture_output=True, text=True)
     assert r.returncode == 1, r.stdout
     assert "0 passed" in r.stdout
-    assert re.search(r"skipped, not allowed: tests.test_cuda::test_bit_identical_to_cpu\[\S+\]: no CUDA GPU visible", r.stdout)
+    assert re.search(r"skipped, not allowed: tests.test_cuda::test_odd_sizes_and_misaligned_pointers\[\S+\]: no CUDA GPU visible",
+                     r.stdout)
     # The multi-GPU test's own reason is the allowed one; it cannot make up for the rest.
     assert "1 skipped (allowed: multi-GPU)" in r.stdout
     assert "skipped, allowed: tests.test_cuda::test_second_gpu_while_the_first_is_current: needs two GPUs" in r.stdout
@@ -735,9 +736,9 @@ sys.modules["triton"] = None  # importing triton now fails, as where it is not i
 sys.path.insert(0, sys.argv[1])
 import torch
 import conftest
-import test_cuda
+import test_linear_mid_tread_half_quantize as family
 assert conftest.HAS_TRITON is False
-marks = [m for m in test_cuda.test_compile_fullgraph_on_cuda.pytestmark if m.name == "skipif"]
+marks = [m for m in family.test_compile_fullgraph_on_cuda.pytestmark if m.name == "skipif"]
 assert any(m.args[0] is True and "needs Triton" in m.kwargs["reason"] for m in marks), marks
 import torch_ext
 fn = torch.compile(lambda x: torch_ext.linear_mid_tread_half_quantize(x * 1.0, 3, 1.5) * 2.0, fullgraph=True)

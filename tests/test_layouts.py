@@ -10,7 +10,7 @@ that grad_x comes out in x's layout, that a dense input is never copied (the
 profiler counts the copies), and that the schema change keeps opcheck,
 torch.compile and torch.export working.
 
-CUDA against CPU for these layouts is in test_cuda.py.
+CUDA against CPU for these layouts is in test_linear_mid_tread_half_quantize.py (its device-parametrised section).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Learnable max_value (docs/quantizer.md, "Learnable max_value"): the
-linear_mid_tread_half_quantize_learnable operators on the CPU.
+linear_mid_tread_half_quantize_learnable operators, on the CPU and on CUDA.
 
 The forward must equal the fixed operator bit for bit; grad_x is the fixed
 straight-through gradient; grad_max_value is compared with a float64
-reference of PACT's and LSQ's formulas. CUDA tests are at the end of
-tests/test_cuda.py.
+reference of PACT's and LSQ's formulas. The CUDA cases ("every device" and
+the CUDA refusals) run each test on "cpu" and "cuda", the CUDA case skipped,
+with the reason, without a GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch_ext
 from torch_ext import QuantActivation
 from torch_ext.ops import effective_max_value
 
-from conftest import BITS, DTYPES, as_bits, dtype_id, tie_values
+from conftest import ALL_DEVICES, BITS, DTYPES, as_bits, dtype_id, requires_cuda, tie_values, values_with_specials
 
 ops = torch.ops.torch_ext
 learnable = torch_ext.linear_mid_tread_half_quantize_learnable
@@ -268,6 +269,80 @@ def test_saved_bytes_per_element(mode, per_element):
     assert x.grad is not None and m.grad is not None
 
 
+# ------------------------------------------------------- every device
+# Each test on "cpu" and on "cuda" (skipped, with the reason, without a GPU:
+# marked cuda for scripts/gpu_check.sh): the CPU's bits, no host-device sync,
+# deterministic sums.
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("bit", (1, 2, 3, 8, 16, 32))
+@pytest.mark.parametrize("mode", MODES)
+def test_device_matches_cpu(mode, bit, dtype, device):
+    x = values_with_specials((4099,), dtype, max_value=1.5, seed=bit)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(dtype)
+    m = torch.tensor(1.5)
+    y_cpu, gx_cpu, gm_cpu = run(x, m, bit, mode, g)
+    y_dev, gx_dev, gm_dev = run(x.to(device), m.to(device), bit, mode, g.to(device))
+    assert y_dev.device.type == device
+    assert torch.equal(as_bits(y_dev.cpu()), as_bits(y_cpu))
+    assert torch.equal(as_bits(y_dev.cpu()), as_bits(torch_ext.linear_mid_tread_half_quantize(x, bit, 1.5)))
+    assert torch.equal(as_bits(gx_dev.cpu()), as_bits(gx_cpu))
+    # Both sums are in double, in different orders: equal up to float32 rounding.
+    torch.testing.assert_close(gm_dev.cpu(), gm_cpu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_grad_max_value_is_deterministic_on_device(mode, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(3_000_017, device=device, generator=g) * 2 + 1
+    grad_y = torch.randn(3_000_017, device=device, generator=g)
+    m = torch.tensor(1.25, device=device)
+    first = run(x, m, 2, mode, grad_y)[2]
+    for _ in range(5):
+        assert torch.equal(as_bits(run(x, m, 2, mode, grad_y)[2]), as_bits(first))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_no_host_sync_on_cuda(mode):
+    x = torch.randn(1 << 16, device="cuda", requires_grad=True)
+    m = torch.tensor(1.0, device="cuda", requires_grad=True)
+    learnable(x, m, 2, mode).sum().backward()  # warm up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = learnable(x, m, 2, mode)
+        y.backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert m.grad is not None
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("bad", (0.0, -1.0, float("nan"), float("inf")))
+def test_out_of_range_max_value_matches_cpu_on_device(bad, device):
+    x = values_with_specials((1000,), torch.float32, max_value=2.0, nan=False)
+    x = x[x.isfinite()]
+    g = torch.ones_like(x)
+    cpu = run(x, torch.tensor(bad), 2, "pact", g)
+    dev = run(x.to(device), torch.tensor(bad, device=device), 2, "pact", g.to(device))
+    assert torch.equal(as_bits(dev[0].cpu()), as_bits(cpu[0])) and dev[0].isfinite().all()
+    assert torch.equal(as_bits(dev[1].cpu()), as_bits(cpu[1]))
+    assert torch.equal(dev[2].cpu(), cpu[2])  # sums of ones: exact in either order
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_opcheck_on_device(device):
+    x = torch.randn(6, 5, device=device)
+    m = torch.tensor(1.5, device=device, requires_grad=True)
+    for mode in MODES:
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_learnable, (x, m, 2, mode, mode == "lsq"))
+
+
 # -------------------------------------------------------------- opcheck
 
 
@@ -311,6 +386,13 @@ def test_bad_arguments_are_refused_with_the_argument_named():
     with pytest.raises(ValueError, match=r"saved must have shape \[2, 2\]"):
         ops.linear_mid_tread_half_quantize_learnable_backward(
             x, torch.zeros(2, 3, dtype=torch.uint8), torch.tensor(2.0), 2, "pact", False)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_refuses_max_value_on_another_device():
+    with pytest.raises(ValueError, match="max_value must be on the device of x"):
+        learnable(torch.ones(4, device="cuda"), torch.tensor(1.0))
 
 
 # ---------------------------------------------------------------- module

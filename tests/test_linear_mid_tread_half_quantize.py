@@ -8,7 +8,11 @@ thread counts, the refused arguments, and the public names. Values are
 compared bit for bit with the pure-PyTorch reference (torch_ext.reference),
 which is itself checked against a step-by-step NumPy evaluation.
 
-CUDA lives in test_cuda.py, random (hypothesis) inputs in test_properties.py.
+The CUDA cases sit beside the CPU ones: the tests of "Every device" run on
+"cpu" and "cuda" (skipped, with the reason, without a GPU); test_cuda.py
+keeps what is about CUDA itself (alignment, the grid-stride loop, launch
+configuration, streams, a second GPU). Random (hypothesis) inputs are in
+test_properties.py.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch_ext.reference import (
 )
 
 from conftest import (
+    ALL_DEVICES,
     BITS,
     DTYPES,
     as_bits,
@@ -44,9 +49,12 @@ from conftest import (
     is_dense,
     expected_mask,
     expected_mask_in_layout,
+    grads_like,
     requires_cuda,
+    requires_triton,
     tie_values,
     unpack_mask,
+    values_with_specials,
 )
 
 ops = torch.ops.torch_ext
@@ -141,7 +149,7 @@ def test_every_entry_point_matches_reference(dtype, bit):
         assert torch.equal(mask_, mask), "forward_ mask is that of the original x: " + what
 
         # NaN stays NaN (docs/quantizer.md fixes no payload; the in-kernel bits are
-        # compared across devices in test_cuda.py).
+        # compared across devices in test_nan_bits_identical_to_cpu).
         for out in (quantize(x, bit, max_value), xi):
             assert torch.equal(out.isnan(), x.isnan()), what
 
@@ -1204,7 +1212,333 @@ def test_refuses_non_tensor_x():
 
 
 # --------------------------------------------------------------------------
-# Devices: a gradient on another device than its tensor.
+# Every device: the CPU's bits (docs/quantizer.md: "Results are bit-identical
+# on every device"). Each test runs on "cpu" and on "cuda" (skipped, with
+# the reason, without a GPU: marked cuda for scripts/gpu_check.sh); on the CPU
+# it holds every entry point to the out-of-place one and to the reference.
+
+
+def _on_device_and_cpu(fn, x, device, *args):
+    """fn on the copy of x on device and on the CPU copy of x."""
+    return fn(x.to(device), *args), fn(x.cpu(), *args)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("bit", BITS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bit_identical_to_cpu(dtype, bit, device):
+    for max_value in MAX_VALUES:
+        x = torch.cat([tie_values(dtype, bit, max_value, max_k=8192),
+                       values_with_specials((4099,), dtype, max_value, seed=bit)])
+        what = f"{dtype_id(dtype)} bit={bit} max_value={max_value}"
+        xc = x.to(device)
+        y = quantize(xc, bit, max_value)
+        y_cpu = quantize(x, bit, max_value)
+        assert y.device.type == device
+        assert_bit_exact(y, y_cpu, f"{device} vs CPU " + what, nan_payload=False)
+        assert_bit_exact(y, reference(x, bit, max_value), f"{device} vs reference " + what, nan_payload=False)
+        (yf, mask), (yf_cpu, mask_cpu) = _on_device_and_cpu(
+            ops.linear_mid_tread_half_quantize_forward, x, device, bit, max_value)
+        assert_bit_exact(yf, yf_cpu, "forward op " + what, nan_payload=False)
+        assert torch.equal(mask.cpu(), mask_cpu), "mask " + what
+        xi = xc.clone()
+        mask_ = ops.linear_mid_tread_half_quantize_forward_(xi, bit, max_value)
+        assert_bit_exact(xi, y_cpu, "forward_ op " + what, nan_payload=False)
+        assert torch.equal(mask_.cpu(), mask_cpu), "forward_ mask " + what
+        xi = xc.clone()
+        assert quantize_(xi, bit, max_value) is xi
+        assert_bit_exact(xi, y_cpu, "in place " + what, nan_payload=False)
+        assert torch.equal(y.isnan().cpu(), x.isnan())
+        g = grads_like(x)
+        assert_bit_exact(
+            ops.linear_mid_tread_half_quantize_backward(g.to(device), mask),
+            ops.linear_mid_tread_half_quantize_backward(g, mask_cpu),
+            "backward op " + what,
+        )
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_nan_bits_identical_to_cpu(dtype, device):
+    """NaN in, NaN out, with the same bits on every device (docs/quantizer.md's
+    bit-identity read strictly: NaN payloads and signs included)."""
+    nan = torch.tensor([float("nan")], dtype=dtype)
+    patterns = torch.cat([nan, -nan])
+    if dtype in (torch.float32, torch.float64):
+        bits = as_bits(patterns)
+        patterns = torch.cat([patterns, (bits | 1).view(dtype), (bits | 0x15).view(dtype)])
+    x = patterns.repeat(9)  # also through the vectorized path
+    for bit in (1, 2, 16, 32):
+        y, y_cpu = _on_device_and_cpu(quantize, x, device, bit, 2.0)
+        assert y.isnan().all()
+        assert_bit_exact(y, y_cpu, f"{device} bit={bit}")
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_gradients_identical_to_cpu(dtype, device):
+    for bit in (1, 2, 8, 16, 32):
+        for max_value in (2.0, 1.0 / 3.0, 1e6):
+            x = torch.cat([tie_values(dtype, bit, max_value, max_k=2048),
+                           values_with_specials((1001,), dtype, max_value)])
+            g = grads_like(x)
+            grads = []
+            for on in (device, "cpu"):
+                leaf = x.to(on).clone().requires_grad_()
+                quantize(leaf, bit, max_value).backward(g.to(on))
+                assert leaf.grad.device.type == on and leaf.grad.dtype == dtype
+                grads.append(leaf.grad)
+            assert_bit_exact(grads[0], grads[1], f"{device} bit={bit} m={max_value}")
+            assert_bit_exact(grads[0], reference_backward(g, x, max_value), f"{device} bit={bit} m={max_value}")
+            # Exactly +0 outside (0, m), even where grad_y is inf or NaN.
+            t = compute_dtype(dtype)
+            outside = ~((x.to(t) > 0) & (x.to(t) < torch.tensor(max_value, dtype=t)))
+            assert (as_bits(grads[0])[outside] == 0).all()
+
+
+#: Views built the same way on every device (views of a fresh tensor made by
+#: the function given), the channels_last ones as permuted NHWC views, so
+#: that in place writes reach the base.
+DEVICE_LAYOUTS = {
+    "contiguous": lambda t: t(2, 3, 5, 7),
+    "transposed": lambda t: t(13, 7).t(),
+    "permuted": lambda t: t(2, 3, 5, 7).permute(3, 1, 0, 2),
+    "step_slices": lambda t: t(19, 23)[::2, 1::3],
+    "channels_last": lambda t: t(4, 5, 7, 6).permute(0, 3, 1, 2),
+    "channels_last_3d": lambda t: t(2, 4, 5, 3, 3).permute(0, 4, 1, 2, 3),
+    "channels_last_sliced": lambda t: t(2, 5, 7, 6).permute(0, 3, 1, 2)[:, 1:5:2, 1:, ::2],
+    "expanded": lambda t: t(1, 5, 1).expand(4, 5, 3),
+    "zero_dim": lambda t: t(),
+    "empty": lambda t: t(0, 3),
+}
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("layout", list(DEVICE_LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_layouts_identical_to_cpu(dtype, layout, device):
+    bit, max_value = 3, 1.5
+
+    def make_on(on):
+        return lambda *shape: values_with_specials(shape, dtype, max_value, seed=len(shape)).to(on)
+
+    x = DEVICE_LAYOUTS[layout](make_on(device))
+    x_cpu = DEVICE_LAYOUTS[layout](make_on("cpu"))
+    assert x.stride() == x_cpu.stride()
+    y, y_cpu = quantize(x, bit, max_value), quantize(x_cpu, bit, max_value)
+    assert_bit_exact(y, y_cpu, layout, nan_payload=False)
+    assert_same_layout(y, y_cpu, layout)
+    if layout in ("channels_last", "channels_last_3d"):
+        fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        assert x.is_contiguous(memory_format=fmt) and y.is_contiguous(memory_format=fmt)
+    (yf, mask), (_, mask_cpu) = (
+        ops.linear_mid_tread_half_quantize_forward(x, bit, max_value),
+        ops.linear_mid_tread_half_quantize_forward(x_cpu, bit, max_value),
+    )
+    assert_bit_exact(yf, y_cpu, layout, nan_payload=False)
+    assert torch.equal(mask.cpu(), mask_cpu)
+    g = grads_like(x_cpu)
+    gx = ops.linear_mid_tread_half_quantize_backward(g.to(device), mask)
+    assert_bit_exact(gx, ops.linear_mid_tread_half_quantize_backward(g, mask_cpu), layout)
+    if layout != "expanded":
+        # In place on the view: the base takes exactly the CPU's values.
+        bases = {}
+
+        def keep(key, on):
+            def make(*shape):
+                bases[key] = values_with_specials(shape, dtype, max_value, seed=len(shape)).to(on)
+                return bases[key]
+            return make
+
+        v, v_cpu = DEVICE_LAYOUTS[layout](keep("device", device)), DEVICE_LAYOUTS[layout](keep("cpu", "cpu"))
+        quantize_(v, bit, max_value)
+        quantize_(v_cpu, bit, max_value)
+        assert_bit_exact(v, y_cpu, "in place " + layout, nan_payload=False)
+        assert_bit_exact(bases["device"], bases["cpu"], "in place, whole base " + layout, nan_payload=False)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "permuted", "channels_last_sliced", "empty"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_memory_order_mask_identical_to_cpu(dtype, layout, device):
+    """The mask in the memory order of the dense tensor the kernel ran on
+    (docs/quantizer.md): the same bits as the CPU for the same layout, and the
+    backward with x_strides, grad_y in x's layout or another, and autograd
+    (grad_x in x's layout) identical to the CPU."""
+    for bit in (1, 2, 8, 32):
+        max_value = 1.5
+        x_cpu = DEVICE_LAYOUTS[layout](lambda *shape: values_with_specials(shape, dtype, max_value, seed=bit))
+        x = DEVICE_LAYOUTS[layout](lambda *shape: values_with_specials(shape, dtype, max_value, seed=bit).to(device))
+        assert x.stride() == x_cpu.stride()
+        what = f"{device} {layout} {dtype_id(dtype)} bit={bit}"
+        (y, mask), (y_cpu, mask_cpu) = (
+            ops.linear_mid_tread_half_quantize_forward(x, bit, max_value),
+            ops.linear_mid_tread_half_quantize_forward(x_cpu, bit, max_value),
+        )
+        assert y.stride() == y_cpu.stride(), what
+        assert_bit_exact(y, y_cpu, what, nan_payload=False)
+        assert torch.equal(mask.cpu(), mask_cpu), "mask " + what
+        if is_dense(x) and x.numel():
+            # Bit k is the element at memory offset k of x.
+            flat = x_cpu.as_strided((x_cpu.numel(),), (1,))
+            assert torch.equal(unpack_mask(mask, x.numel())[0], expected_mask(flat, max_value)), what
+        g_cpu = grads_like(x_cpu)
+        for gname, gl in (("like x", torch.empty_like(g_cpu).copy_(g_cpu)), ("contiguous", g_cpu.contiguous())):
+            gx = ops.linear_mid_tread_half_quantize_backward(gl.to(device), mask, y.stride())
+            gx_cpu = ops.linear_mid_tread_half_quantize_backward(gl, mask_cpu, y_cpu.stride())
+            assert_bit_exact(gx, gx_cpu, f"backward op, grad_y {gname}, {what}")
+            assert_bit_exact(gx, reference_backward(gl, x_cpu, max_value), f"backward op, grad_y {gname}, {what}")
+            assert gx.stride() == y.stride() or gx.numel() == 0, what
+            leaf = x.detach().clone().requires_grad_()
+            (grad,) = torch.autograd.grad(quantize(leaf * 1, bit, max_value), leaf, gl.to(device))
+            assert_bit_exact(grad, gx_cpu, f"autograd, grad_y {gname}, {what}", nan_payload=False)
+        if layout != "empty":
+            xi, xi_cpu = x.clone(), x_cpu.clone()
+            assert torch.equal(
+                ops.linear_mid_tread_half_quantize_forward_(xi, bit, max_value).cpu(),
+                ops.linear_mid_tread_half_quantize_forward_(xi_cpu, bit, max_value),
+            ), "forward_ mask " + what
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_empty_and_zero_dim(device):
+    for dtype in DTYPES:
+        for shape in ((), (0,), (3, 0, 2)):
+            x = values_with_specials(shape, dtype, 2.0).to(device).requires_grad_()
+            y = quantize(x, 2, 2.0)
+            assert y.shape == x.shape and y.device.type == device and y.dtype == dtype
+            y.backward(torch.ones_like(y))
+            assert_bit_exact(x.grad, reference_backward(torch.ones(shape, dtype=dtype), x.detach().cpu(), 2.0))
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_refused_input_on_device(device):
+    x = torch.ones(4, device=device)
+    with pytest.raises(ValueError, match="bit=0"):
+        ops.linear_mid_tread_half_quantize(x, 0, 2.0)
+    with pytest.raises(ValueError, match="max_value"):
+        ops.linear_mid_tread_half_quantize_forward(x, 2, float("nan"))
+    with pytest.raises(TypeError, match="x"):
+        quantize(torch.ones(4, dtype=torch.int32, device=device), 2, 2.0)
+    xi = x.clone()
+    with pytest.raises(ValueError):
+        quantize_(xi, 33, 2.0)
+    assert torch.equal(xi, x)
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_repeated_calls_are_deterministic(device):
+    x = values_with_specials((1_000_003,), torch.float16, 2.0, seed=11).to(device)
+    first = ops.linear_mid_tread_half_quantize_forward(x, 5, 2.0)
+    for _ in range(3):
+        again = ops.linear_mid_tread_half_quantize_forward(x, 5, 2.0)
+        assert torch.equal(as_bits(again[0]), as_bits(first[0]))
+        assert torch.equal(again[1], first[1])
+
+
+def _device_opcheck_samples(device):
+    def values(shape, dtype):
+        return values_with_specials(shape, dtype, nan=False).to(device)
+
+    return [
+        values((5, 7), torch.float32),
+        values((5, 7), torch.bfloat16),
+        values((2, 3, 4, 5), torch.float16).contiguous(memory_format=torch.channels_last),
+        values((6, 5), torch.float64).t(),
+    ]
+
+
+@pytest.mark.parametrize("device", ALL_DEVICES)
+def test_opcheck_on_device(device):
+    for x in _device_opcheck_samples(device):
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize.default, (x, 3, 1.5))
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize.default, (x.clone().requires_grad_(), 3, 1.5))
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_.default, (x.clone(), 3, 1.5))
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward.default, (x, 3, 1.5))
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_forward_.default, (x.clone(), 3, 1.5))
+        y, mask = ops.linear_mid_tread_half_quantize_forward(x, 3, 1.5)
+        torch.library.opcheck(ops.linear_mid_tread_half_quantize_backward.default, (torch.ones_like(x), mask))
+        for g in (torch.ones_like(x), torch.ones_like(x).contiguous()):
+            torch.library.opcheck(
+                ops.linear_mid_tread_half_quantize_backward.default, (g, mask, list(y.stride()))
+            )
+
+
+@pytest.mark.cuda
+@requires_cuda
+@requires_triton
+def test_compile_fullgraph_on_cuda():
+    """torch.compile(fullgraph=True) with inductor's CUDA code (Triton): the
+    eager bits, forward and backward (the CPU's inductor: test_compile_*)."""
+    torch._dynamo.reset()
+    module = torch_ext.QuantActivation(4, 1.0 / 3.0)
+    module_inplace = torch_ext.QuantActivation(4, 1.0 / 3.0, inplace=True)
+
+    def fn(x):
+        return module(x) + module_inplace(x * 2.0)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = values_with_specials((8, 3, 17, 9), dtype, 1.0 / 3.0, seed=9, nan=False).cuda()
+        x = x.contiguous(memory_format=torch.channels_last)
+        g = grads_like(x, seed=10).nan_to_num(nan=1.0, posinf=3.0, neginf=-3.0)
+        results = []
+        for f in (fn, compiled):
+            leaf = x.detach().clone().requires_grad_()
+            y = f(leaf)
+            (grad,) = torch.autograd.grad(y, leaf, g)
+            results.append((y, grad))
+        (ye, ge), (yc, gc) = results
+        assert_bit_exact(yc, ye, str(dtype))
+        assert_bit_exact(gc, ge, str(dtype))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("amp_dtype", (torch.bfloat16, torch.float16), ids=dtype_id)
+def test_autocast_training(amp_dtype):
+    """A model with QuantActivation trains under torch.autocast on CUDA, the
+    quantizer running in the autocast dtype on docs/quantizer.md's values."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        torch_ext.QuantActivation(2, 2.0),
+        nn.Conv2d(8, 8, 3, padding=1),
+        torch_ext.QuantActivation(2, 2.0, inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).cuda()
+    seen = []
+    model[2].register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].detach(), out.detach())))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    x = torch.randn(32, 3, 12, 12, device="cuda")
+    target = torch.randint(0, 4, (32,), device="cuda")
+    losses = []
+    for _ in range(25):
+        with torch.autocast("cuda", dtype=amp_dtype):
+            loss = nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert min(losses[-5:]) < losses[0], losses
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+    # The quantizer ran in the autocast dtype, on the values docs/quantizer.md gives.
+    x_in, y_out = seen[-1]
+    assert y_out.dtype == x_in.dtype
+    assert_bit_exact(y_out, reference(x_in.cpu(), 2, 2.0).cuda(), nan_payload=False)
+    levels = torch.tensor([0.0, 2 / 3, 4 / 3, 2.0], dtype=y_out.dtype, device="cuda")
+    assert torch.isin(y_out, levels).all()
+
+
+# --------------------------------------------------------------------------
+# Devices: a gradient on another device than its tensor, and the other way round.
 
 
 @pytest.mark.cuda
@@ -1218,6 +1552,17 @@ def test_cpu_tensor_with_cuda_gradient_is_refused():
     _, mask = ops.linear_mid_tread_half_quantize_forward(x.detach(), 2, 2.0)
     with pytest.raises((ValueError, RuntimeError), match="device"):
         ops.linear_mid_tread_half_quantize_backward(torch.ones(10, device="cuda"), mask)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_gradient_on_another_device_is_refused():
+    x = values_with_specials((10,), torch.float32).cuda().requires_grad_()
+    with pytest.raises(RuntimeError, match="device"):
+        quantize(x, 2, 2.0).backward(torch.ones(10))
+    _, mask = ops.linear_mid_tread_half_quantize_forward(x.detach(), 2, 2.0)
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        ops.linear_mid_tread_half_quantize_backward(torch.ones(10), mask)
 
 
 def test_public_names():
@@ -1239,7 +1584,7 @@ def test_public_names():
 
 
 # --------------------------------------------------------------------------
-# More than 2^31 elements on the CPU (bfloat16 keeps it at 4 GiB an array).
+# More than 2^31 elements on the CPU and on CUDA (bfloat16 keeps it at 4 GiB an array).
 
 
 def _mem_available_gib() -> float:
@@ -1295,6 +1640,56 @@ def test_more_than_2_31_elements_bfloat16_cpu():
 
     grad_x = ops.linear_mid_tread_half_quantize_backward(x, mask)
     check_periodic(grad_x, reference_backward(y_pattern, pattern, max_value), "backward")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_more_than_2_31_elements_bfloat16_cuda():
+    """The CUDA kernels' 64-bit indexing: out of place, forward with its mask
+    (the last, partial byte's padding 0), backward and in place, across 2^31."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 14 * 2**30:
+        pytest.skip(f"needs 14 GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    bit, max_value = 3, 1.5
+    period = 65537
+    pattern = values_with_specials((period,), torch.bfloat16, max_value, seed=2024)
+    x = pattern.cuda().repeat(HUGE_NUMEL // period + 1)[:HUGE_NUMEL]
+    y_pattern = quantize(pattern, bit, max_value)  # the CPU's values
+
+    def check(t, expected, what):
+        assert torch.equal(as_bits(t[:period]), as_bits(expected)), f"{what}: first period"
+        assert torch.equal(t[:-period].view(torch.int16), t[period:].view(torch.int16)), f"{what}: not periodic"
+        start = (HUGE_NUMEL // period - 1) * period
+        assert torch.equal(as_bits(t[start : start + period]), as_bits(expected)), f"{what}: last whole period"
+        # Right across the 2^31 boundary, against the CPU.
+        lo, hi = 2**31 - 5000, HUGE_NUMEL
+        idx = torch.arange(lo, hi) % period
+        assert torch.equal(as_bits(t[lo:hi]), as_bits(expected[idx])), f"{what}: from below 2^31 to the end"
+
+    y = quantize(x, bit, max_value)
+    check(y, y_pattern, "out of place")
+    del y
+    y, mask = ops.linear_mid_tread_half_quantize_forward(x, bit, max_value)
+    check(y, y_pattern, "forward op")
+    del y
+    _, pattern_mask = ops.linear_mid_tread_half_quantize_forward(pattern, bit, max_value)
+    pattern_bits = expected_mask(pattern, max_value)
+    assert torch.equal(unpack_mask(pattern_mask, period)[0], pattern_bits)
+    for start in (0, 2**31 - 4096, HUGE_NUMEL - HUGE_NUMEL % 8 - 8192):
+        bits, _ = unpack_mask(mask[start // 8 : start // 8 + 1024], 8192)
+        idx = torch.arange(start, start + 8192) % period
+        assert torch.equal(bits, pattern_bits[idx]), f"mask at {start}"
+    # The last, partial byte: its padding bits are 0.
+    tail = HUGE_NUMEL % 8
+    bits, padding = unpack_mask(mask[-1:], tail)
+    assert torch.equal(bits, pattern_bits[torch.arange(HUGE_NUMEL - tail, HUGE_NUMEL) % period])
+    assert not padding.any()
+    grad = ops.linear_mid_tread_half_quantize_backward(x, mask)
+    check(grad, ops.linear_mid_tread_half_quantize_backward(pattern, pattern_mask), "backward op")
+    del grad
+    mask_ = ops.linear_mid_tread_half_quantize_forward_(x, bit, max_value)
+    assert torch.equal(mask_, mask)
+    check(x, y_pattern, "in place")
 
 
 def test_the_module_names_itself_in_its_refusals():
