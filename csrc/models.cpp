@@ -1,5 +1,7 @@
 // Blueoil's classification networks in LibTorch (csrc/torch_ext/models.h):
-// the layer structure, names and initialisation of torch_ext/models.py.
+// the layer structure, names and initialisation of torch_ext/models.py. Each
+// network is one table (kLmnetV1, kSampleNetwork) that its float and
+// quantized classes are both built and run from.
 #include "torch_ext/models.h"
 
 #include <torch/nn/init.h>
@@ -9,12 +11,14 @@
 #include <torch/utils.h>
 
 #include <c10/util/Exception.h>
+#include <c10/util/overloaded.h>
 
 #include <cmath>
 #include <fstream>
 #include <iterator>
 #include <set>
 #include <sstream>
+#include <variant>
 #include <vector>
 
 namespace torch_ext::models {
@@ -84,14 +88,101 @@ void init_conv(QuantConv2dImpl& conv, Init init) {
   }
 }
 
-// A stride-1 'SAME' convolution (padding k / 2), quantized when `quantize`
-// and the network is quantized, else a float convolution (Python's nn.Conv2d).
-QuantConv2d make_conv(const detail::NetworkConfig& config, int64_t in, int64_t out, int64_t k, bool bias,
-                      bool quantize, Init init) {
+// ---------------------------------------------------------------------------
+// The networks as tables: one entry a layer, in forward order, which is also
+// the order the layers are made in (so the random initialisation draws
+// follow Python's) and registered in (so the state dict's order is Python's).
+// The float and quantized twins of a network are built from the same table.
+
+// A conv block's activation: QuantActivation in the quantized twin, ReLU or
+// leaky ReLU(0.1) in the float one; or a plain ReLU in both.
+enum class Act { kNone, kQuantizedOrReLU, kQuantizedOrLeakyReLU, kReLU };
+// Whether the quantized twin quantizes a convolution's weights: always, or
+// as its quantize_first_convolution / quantize_last_convolution option says.
+enum class When { kAlways, kFirstOption, kLastOption };
+// Widths that are the network's options rather than constants.
+constexpr int64_t kInChannels = -1;
+constexpr int64_t kNumClasses = -2;
+
+// A stride-1 'SAME' convolution (padding kernel / 2).
+struct ConvSpec {
+  int64_t in = 0, out = 0, kernel = 1;
+  Act activation = Act::kNone;
+  When quantize = When::kAlways;
+  Init init = Init::kGlorotUniform;
+};
+
+// One layer: its name (Python's, the state dict's prefix), the member of
+// Layers that holds it, whose type says what it is (a conv block: conv
+// without bias, batch norm, activation; a space-to-depth of block 2; the
+// dropout; the classifier convolution, with bias; the global average pool),
+// and for convolutions their ConvSpec.
+template <class Layers>
+struct LayerSpec {
+  const char* name;
+  std::variant<torch::nn::Sequential Layers::*, SpaceToDepth Layers::*, torch::nn::Dropout Layers::*,
+               QuantConv2d Layers::*, GlobalAveragePool Layers::*>
+      slot;
+  ConvSpec conv = {};
+};
+
+using detail::LmnetV1Layers;
+using detail::SampleNetworkLayers;
+
+// LMNet v1 (Blueoil's lmnet_v1, models.py's LmnetV1 / LmnetV1Quantize).
+constexpr LayerSpec<LmnetV1Layers> kLmnetV1[] = {
+    {"conv1", &LmnetV1Layers::conv1, {kInChannels, 32, 3, Act::kQuantizedOrReLU, When::kFirstOption}},
+    {"conv2", &LmnetV1Layers::conv2, {32, 64, 3, Act::kQuantizedOrReLU}},
+    {"pool2", &LmnetV1Layers::pool2},
+    {"conv3", &LmnetV1Layers::conv3, {256, 128, 3, Act::kQuantizedOrReLU}},
+    {"conv4", &LmnetV1Layers::conv4, {128, 64, 3, Act::kQuantizedOrReLU}},
+    {"pool4", &LmnetV1Layers::pool4},
+    {"conv5", &LmnetV1Layers::conv5, {256, 128, 3, Act::kQuantizedOrReLU}},
+    {"pool5", &LmnetV1Layers::pool5},
+    // Blueoil gives conv6 a plain ReLU, in the quantized network too.
+    {"conv6", &LmnetV1Layers::conv6, {512, 64, 1, Act::kReLU}},
+    {"dropout", &LmnetV1Layers::dropout},
+    {"conv7", &LmnetV1Layers::conv7, {64, kNumClasses, 1, Act::kNone, When::kLastOption, Init::kNormal}},
+    {"pool7", &LmnetV1Layers::pool7},
+};
+
+// Blueoil's quantize example (models.py's SampleNetwork / SampleNetworkQuantize).
+constexpr LayerSpec<SampleNetworkLayers> kSampleNetwork[] = {
+    {"block_1", &SampleNetworkLayers::block_1,
+     {kInChannels, 32, 3, Act::kQuantizedOrLeakyReLU, When::kFirstOption, Init::kHeTruncatedNormal}},
+    {"block_last", &SampleNetworkLayers::block_last,
+     {32, kNumClasses, 1, Act::kNone, When::kLastOption, Init::kNormal}},
+    {"pool", &SampleNetworkLayers::pool},
+};
+
+int64_t resolve_width(int64_t width, const detail::NetworkConfig& config) {
+  return width == kInChannels ? config.in_channels : (width == kNumClasses ? config.num_classes : width);
+}
+
+// Quantized weights when the network is quantized and `spec` says so, else a
+// float convolution (Python's nn.Conv2d).
+QuantConv2d make_conv(const detail::NetworkConfig& config, const ConvSpec& spec, bool bias) {
+  const bool quantize = spec.quantize == When::kAlways ||
+                        (spec.quantize == When::kFirstOption ? config.quantize_first : config.quantize_last);
   const WeightQuantizer wq = config.quantized && quantize ? config.weight_quantizer : WeightQuantizer::kNone;
-  QuantConv2d conv(QuantConv2dOptions(in, out, k).stride(1).padding(k / 2).bias(bias).weight_quantizer(wq));
-  init_conv(*conv, init);
+  QuantConv2d conv(QuantConv2dOptions(resolve_width(spec.in, config), resolve_width(spec.out, config), spec.kernel)
+                       .stride(1)
+                       .padding(spec.kernel / 2)
+                       .bias(bias)
+                       .weight_quantizer(wq));
+  init_conv(*conv, spec.init);
   return conv;
+}
+
+torch::nn::AnyModule make_activation(Act act, const detail::NetworkConfig& config) {
+  if (config.quantized && act != Act::kReLU) {
+    return torch::nn::AnyModule(
+        QuantActivation(QuantActivationOptions(config.activation_bit, config.activation_max_value)));
+  }
+  if (act == Act::kQuantizedOrLeakyReLU) {
+    return torch::nn::AnyModule(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
+  }
+  return torch::nn::AnyModule(torch::nn::ReLU());
 }
 
 // Blueoil's lmnet_block: Sequential(conv, bn, act), named as in Python.
@@ -103,6 +194,53 @@ torch::nn::Sequential conv_block(QuantConv2d conv, torch::nn::AnyModule activati
   block->push_back("bn", bn);
   block->push_back("act", std::move(activation));
   return block;
+}
+
+// Makes the layers of `table`, registers them in `self` and keeps each in
+// its member of `layers`.
+template <class Layers, size_t N>
+void build_layers(Layers& layers, torch::nn::Module& self, const detail::NetworkConfig& config,
+                  const LayerSpec<Layers> (&table)[N]) {
+  for (const LayerSpec<Layers>& spec : table) {
+    std::visit(c10::overloaded(
+                   [&](torch::nn::Sequential Layers::*member) {
+                     layers.*member = self.register_module(
+                         spec.name, conv_block(make_conv(config, spec.conv, /*bias=*/false),
+                                               make_activation(spec.conv.activation, config)));
+                   },
+                   [&](SpaceToDepth Layers::*member) {
+                     layers.*member = self.register_module(spec.name, SpaceToDepth(2));
+                   },
+                   [&](torch::nn::Dropout Layers::*member) {
+                     layers.*member = self.register_module(spec.name, torch::nn::Dropout(config.dropout));
+                   },
+                   [&](QuantConv2d Layers::*member) {
+                     layers.*member = self.register_module(spec.name, make_conv(config, spec.conv, /*bias=*/true));
+                   },
+                   [&](GlobalAveragePool Layers::*member) {
+                     layers.*member = self.register_module(spec.name, GlobalAveragePool());
+                   }),
+               spec.slot);
+  }
+}
+
+// The forward: each layer of `table` in turn.
+template <class Layers, size_t N>
+at::Tensor run_layers(Layers& layers, const LayerSpec<Layers> (&table)[N], at::Tensor x) {
+  for (const LayerSpec<Layers>& spec : table) {
+    x = std::visit([&](auto member) -> at::Tensor { return (layers.*member)->forward(x); }, spec.slot);
+  }
+  return x;
+}
+
+// What H and W must be divisible by: each space-to-depth halves them.
+template <class Layers, size_t N>
+constexpr int64_t input_multiple(const LayerSpec<Layers> (&table)[N]) {
+  int64_t multiple = 1;
+  for (const LayerSpec<Layers>& spec : table) {
+    multiple *= std::holds_alternative<SpaceToDepth Layers::*>(spec.slot) ? 2 : 1;
+  }
+  return multiple;
 }
 
 void check_common(const detail::NetworkConfig& config) {
@@ -118,6 +256,28 @@ void check_common(const detail::NetworkConfig& config) {
   }
 }
 
+// The NetworkConfig of any of the four option structs: what an option struct
+// has (dropout; the quantizer's options) it sets, the rest keeps its default.
+template <class Options>
+detail::NetworkConfig make_config(const char* name, const Options& options) {
+  detail::NetworkConfig config;
+  config.name = name;
+  config.num_classes = options.num_classes();
+  config.in_channels = options.in_channels();
+  if constexpr (requires { options.dropout(); }) {
+    config.dropout = options.dropout();
+  }
+  if constexpr (requires { options.weight_quantizer(); }) {
+    config.quantized = true;
+    config.activation_bit = options.activation_bit();
+    config.activation_max_value = options.activation_max_value();
+    config.weight_quantizer = options.weight_quantizer();
+    config.quantize_first = options.quantize_first_convolution();
+    config.quantize_last = options.quantize_last_convolution();
+  }
+  return config;
+}
+
 }  // namespace
 
 namespace detail {
@@ -126,63 +286,23 @@ void LmnetV1Layers::build(torch::nn::Module& self, const NetworkConfig& config) 
   check_common(config);
   TORCH_CHECK_VALUE(config.dropout >= 0.0 && config.dropout < 1.0, config.name, ": dropout must be in [0, 1), got ",
                     config.dropout);
-  auto activation = [&]() -> torch::nn::AnyModule {
-    if (config.quantized) {
-      return torch::nn::AnyModule(
-          QuantActivation(QuantActivationOptions(config.activation_bit, config.activation_max_value)));
-    }
-    return torch::nn::AnyModule(torch::nn::ReLU());
-  };
-  auto conv = [&](int64_t in, int64_t out, int64_t k, bool quantize = true) {
-    return make_conv(config, in, out, k, /*bias=*/false, quantize, Init::kGlorotUniform);
-  };
-  conv1 = self.register_module("conv1", conv_block(conv(config.in_channels, 32, 3, config.quantize_first), activation()));
-  conv2 = self.register_module("conv2", conv_block(conv(32, 64, 3), activation()));
-  pool2 = self.register_module("pool2", SpaceToDepth(2));
-  conv3 = self.register_module("conv3", conv_block(conv(256, 128, 3), activation()));
-  conv4 = self.register_module("conv4", conv_block(conv(128, 64, 3), activation()));
-  pool4 = self.register_module("pool4", SpaceToDepth(2));
-  conv5 = self.register_module("conv5", conv_block(conv(256, 128, 3), activation()));
-  pool5 = self.register_module("pool5", SpaceToDepth(2));
-  // Blueoil gives conv6 a plain ReLU, in the quantized network too.
-  conv6 = self.register_module("conv6", conv_block(conv(512, 64, 1), torch::nn::AnyModule(torch::nn::ReLU())));
-  dropout = self.register_module("dropout", torch::nn::Dropout(config.dropout));
-  conv7 = self.register_module(
-      "conv7", make_conv(config, 64, config.num_classes, 1, /*bias=*/true, config.quantize_last, Init::kNormal));
-  pool7 = self.register_module("pool7", GlobalAveragePool());
+  build_layers(*this, self, config, kLmnetV1);
 }
 
 at::Tensor LmnetV1Layers::forward_layers(const std::string& name, at::Tensor x) {
-  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(2) % 8 == 0 && x.size(3) % 8 == 0, name,
-                    ": expected input [N, C, H, W] with H and W divisible by 8, got shape ", x.sizes());
-  x = conv1->forward(x);
-  x = pool2(conv2->forward(x));
-  x = conv3->forward(x);
-  x = pool4(conv4->forward(x));
-  x = pool5(conv5->forward(x));
-  x = dropout(conv6->forward(x));
-  return pool7(conv7(x));
+  constexpr int64_t multiple = input_multiple(kLmnetV1);
+  TORCH_CHECK_VALUE(x.dim() == 4 && x.size(2) % multiple == 0 && x.size(3) % multiple == 0, name,
+                    ": expected input [N, C, H, W] with H and W divisible by ", multiple, ", got shape ", x.sizes());
+  return run_layers(*this, kLmnetV1, std::move(x));
 }
 
 void SampleNetworkLayers::build(torch::nn::Module& self, const NetworkConfig& config) {
   check_common(config);
-  torch::nn::AnyModule activation =
-      config.quantized
-          ? torch::nn::AnyModule(
-                QuantActivation(QuantActivationOptions(config.activation_bit, config.activation_max_value)))
-          : torch::nn::AnyModule(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.1)));
-  block_1 = self.register_module(
-      "block_1", conv_block(make_conv(config, config.in_channels, 32, 3, /*bias=*/false, config.quantize_first,
-                                      Init::kHeTruncatedNormal),
-                            std::move(activation)));
-  block_last = self.register_module(
-      "block_last",
-      make_conv(config, 32, config.num_classes, 1, /*bias=*/true, config.quantize_last, Init::kNormal));
-  pool = self.register_module("pool", GlobalAveragePool());
+  build_layers(*this, self, config, kSampleNetwork);
 }
 
 at::Tensor SampleNetworkLayers::forward_layers(at::Tensor x) {
-  return pool(block_last(block_1->forward(x)));
+  return run_layers(*this, kSampleNetwork, std::move(x));
 }
 
 }  // namespace detail
@@ -192,12 +312,7 @@ LmnetV1Impl::LmnetV1Impl(const LmnetV1Options& options_) : options(options_) {
 }
 
 void LmnetV1Impl::reset() {
-  detail::NetworkConfig config;
-  config.name = "LmnetV1";
-  config.num_classes = options.num_classes();
-  config.in_channels = options.in_channels();
-  config.dropout = options.dropout();
-  build(*this, config);
+  build(*this, make_config("LmnetV1", options));
 }
 
 at::Tensor LmnetV1Impl::forward(at::Tensor x) {
@@ -209,18 +324,7 @@ LmnetV1QuantizeImpl::LmnetV1QuantizeImpl(const LmnetV1QuantizeOptions& options_)
 }
 
 void LmnetV1QuantizeImpl::reset() {
-  detail::NetworkConfig config;
-  config.name = "LmnetV1Quantize";
-  config.num_classes = options.num_classes();
-  config.in_channels = options.in_channels();
-  config.dropout = options.dropout();
-  config.quantized = true;
-  config.activation_bit = options.activation_bit();
-  config.activation_max_value = options.activation_max_value();
-  config.weight_quantizer = options.weight_quantizer();
-  config.quantize_first = options.quantize_first_convolution();
-  config.quantize_last = options.quantize_last_convolution();
-  build(*this, config);
+  build(*this, make_config("LmnetV1Quantize", options));
 }
 
 at::Tensor LmnetV1QuantizeImpl::forward(at::Tensor x) {
@@ -232,11 +336,7 @@ SampleNetworkImpl::SampleNetworkImpl(const SampleNetworkOptions& options_) : opt
 }
 
 void SampleNetworkImpl::reset() {
-  detail::NetworkConfig config;
-  config.name = "SampleNetwork";
-  config.num_classes = options.num_classes();
-  config.in_channels = options.in_channels();
-  build(*this, config);
+  build(*this, make_config("SampleNetwork", options));
 }
 
 at::Tensor SampleNetworkImpl::forward(at::Tensor x) {
@@ -249,17 +349,7 @@ SampleNetworkQuantizeImpl::SampleNetworkQuantizeImpl(const SampleNetworkQuantize
 }
 
 void SampleNetworkQuantizeImpl::reset() {
-  detail::NetworkConfig config;
-  config.name = "SampleNetworkQuantize";
-  config.num_classes = options.num_classes();
-  config.in_channels = options.in_channels();
-  config.quantized = true;
-  config.activation_bit = options.activation_bit();
-  config.activation_max_value = options.activation_max_value();
-  config.weight_quantizer = options.weight_quantizer();
-  config.quantize_first = options.quantize_first_convolution();
-  config.quantize_last = options.quantize_last_convolution();
-  build(*this, config);
+  build(*this, make_config("SampleNetworkQuantize", options));
 }
 
 at::Tensor SampleNetworkQuantizeImpl::forward(at::Tensor x) {

@@ -1,5 +1,6 @@
-// torch_ext._C: loading it registers the operators (static TORCH_LIBRARY
-// initialisers of the other files); the few functions here are what Python
+// torch_ext._C: loading it registers the operators (the static
+// TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL initialisers of csrc/ops/ and the
+// kernel files); the few functions here are what Python
 // needs besides torch.ops.torch_ext.
 #include "torch_ext/torch_ext.h"
 

@@ -1,4 +1,4 @@
-"""The registered weight-quantizer operators (csrc/weight_quantization.cpp).
+"""The registered weight-quantizer operators (csrc/ops/weight_quantization.cpp, kernels in csrc/composite/).
 
 ``torch.ops.torch_ext.binary_mean_scaling_quantize`` and
 ``binary_channel_wise_mean_scaling_quantize`` against the Python quantizers of

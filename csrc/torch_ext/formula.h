@@ -125,6 +125,14 @@ C10_HOST_DEVICE inline T quantize_levels(T x, T m, T n) {
   return mul_rn(div_rn(level(clip(x, m), m, n), n), m);
 }
 
+// The integer code of x, level(clip(x, m)) in 0..n, as a T (bit < 32):
+// torch_ext.quantize_to_codes' value. NaN gives 0 (a code has no NaN).
+template <typename T>
+C10_HOST_DEVICE inline T code(T x, T m, T n) {
+  const T l = level(clip(x, m), m, n);
+  return l == l ? l : T(0);
+}
+
 // The whole forward of docs/quantizer.md, bit == 32 included.
 template <typename T>
 C10_HOST_DEVICE inline T quantize(T x, const Params<T>& p) {

@@ -106,7 +106,8 @@ struct NetworkConfig {
   bool quantize_last = false;
 };
 
-// LMNet v1's layers; the float and quantized classes share them.
+// LMNet v1's layers; the float and quantized classes share them, built and
+// run in the order of the table kLmnetV1 in models.cpp.
 class LmnetV1Layers {
  public:
   at::Tensor forward_layers(const std::string& name, at::Tensor x);
@@ -122,6 +123,7 @@ class LmnetV1Layers {
   void build(torch::nn::Module& self, const NetworkConfig& config);
 };
 
+// The same for the table kSampleNetwork.
 class SampleNetworkLayers {
  public:
   at::Tensor forward_layers(at::Tensor x);

@@ -1,9 +1,9 @@
 """The quantizer with a learnable max_value (docs/quantizer.md, "Learnable max_value"): API and fake kernels.
 
-Operators (csrc/ops.cpp, csrc/torch_ext/learnable.h):
+Operators (csrc/ops/learnable.cpp, csrc/torch_ext/learnable.h):
 ``linear_mid_tread_half_quantize_learnable``, differentiable through a C++
 autograd, and its ``_forward`` and ``_backward`` pieces. The fake kernels
-make the checks of csrc/ops.cpp's ``check_learnable_arguments`` in Python
+make the checks of csrc/ops/learnable.cpp's ``check_learnable_arguments`` in Python
 (same exception types and messages), so that tracing refuses what eager refuses.
 """
 

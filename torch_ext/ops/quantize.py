@@ -1,6 +1,6 @@
 """The linear mid-tread half quantizer (docs/quantizer.md): its Python API, fake kernels and torch.func route.
 
-Operators (csrc/ops.cpp): ``linear_mid_tread_half_quantize`` and the in-place
+Operators (csrc/ops/quantize.cpp): ``linear_mid_tread_half_quantize`` and the in-place
 ``linear_mid_tread_half_quantize_``, differentiable through a C++ autograd
 that saves a 1-bit mask, and the ``_forward``, ``_forward_`` and
 ``_backward`` pieces that autograd calls.
@@ -224,7 +224,7 @@ def linear_mid_tread_half_quantize_(
     if backward is not None:
         # Checked here too: autograd.Function.forward runs with grad mode off. Autograd only
         # notices after forward has run, when x is already overwritten; refuse first with
-        # ATen's own check, as csrc/autograd.cpp does for the default backward.
+        # ATen's own check, as csrc/ops/quantize.cpp does for the default backward.
         _C.check_inplace_allowed(x)
         return _QuantizeInPlaceWithCustomBackward.apply(x, bit, max_value, backward)
     torch.ops.torch_ext.linear_mid_tread_half_quantize_(x, bit, max_value)

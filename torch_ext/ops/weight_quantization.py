@@ -15,7 +15,7 @@ All are written with plain PyTorch operations inside a
 every floating dtype, trace under ``torch.compile`` and transform under
 torch.func. (A C++/CUDA kernel does not pay for weight tensors of these
 sizes: docs/blueoil.md has the measurement.) The binary ones are also
-registered operators (csrc/weight_quantization.cpp), which ``torch.jit.trace``
+registered operators (csrc/ops/weight_quantization.cpp), which ``torch.jit.trace``
 records so that a traced model runs in LibTorch; their fake kernels are here.
 """
 

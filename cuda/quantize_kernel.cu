@@ -1,4 +1,5 @@
-// CUDA kernels of the linear mid-tread half quantizer.
+// CUDA kernels of the linear mid-tread half quantizer (the fixed quantizer
+// family: schemas, checks and autograd in csrc/ops/quantize.cpp).
 //
 // The memory path is tiles.cuh (128-bit accesses, a warp's accesses
 // contiguous, 64 bytes in flight a thread, 64-bit indices, grid-stride); the

@@ -1,4 +1,5 @@
-// CPU kernels of the linear mid-tread half quantizer.
+// CPU kernels of the linear mid-tread half quantizer (the fixed quantizer
+// family: schemas, checks and autograd in csrc/ops/quantize.cpp).
 //
 // The loops are plain C++ over one contiguous span, compiled three times:
 // for the baseline x86-64 ISA, for AVX2 and for AVX-512, picked at each call

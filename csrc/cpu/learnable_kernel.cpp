@@ -1,4 +1,5 @@
-// CPU kernels of the learnable-max_value operators (csrc/torch_ext/learnable.h).
+// CPU kernels of the learnable-max_value operators (csrc/torch_ext/learnable.h;
+// schemas, checks and autograd in csrc/ops/learnable.cpp).
 //
 // The forward is the quantizer of formula.h, step for step, with m read from
 // the 0-dim max_value tensor and clamped by learnable::effective_max_value;

@@ -1,4 +1,5 @@
-// CUDA kernels of the learnable-max_value operators (csrc/torch_ext/learnable.h).
+// CUDA kernels of the learnable-max_value operators (csrc/torch_ext/learnable.h;
+// schemas, checks and autograd in csrc/ops/learnable.cpp).
 //
 // m is read by the kernels from the 0-dim max_value tensor (converted to the
 // compute type T of x by a device-side copy when its dtype differs) and
