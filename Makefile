@@ -1,6 +1,6 @@
 # The two commands of the README:
 #   make train   train the W1A2 LMNet on digits next to its float twin
-#   make test    build everything and run every test (pytest, ctest, ctest under ASan/UBSan)
+#   make test    build everything and run every test (pytest; ctest, built under ASan/UBSan)
 # and the loop for an edit:
 #   make check   rebuild what changed, then the tests not marked slow (pytest -m "not slow")
 # Both create .venv when it is missing and install what they need into it.
@@ -13,13 +13,20 @@ PY := $(VENV)/bin/python
 # This machine's disk holds torch 2.14.1 (a CUDA 13.0 build) and 2.13.0 (CPU).
 TORCH_VERSION ?= 2.14.1
 CMAKE_BUILD_DIR ?= build-cmake
-SANITIZE_BUILD_DIR ?= build-sanitize
 PYTEST_ARGS ?=
 
 # The CUDA toolkit: setup.py and scripts/cmake_cuda_args.py find it
 # (scripts/cuda_toolkit.py); set CUDA_HOME to choose another.
-# The GPU architectures: TORCH_CUDA_ARCH_LIST from the environment if set,
-# else setup.py's DEFAULT_CUDA_ARCH_LIST (CMakeLists.txt reads it there too).
+# The GPU architectures this checkout's builds compile for: TORCH_CUDA_ARCH_LIST from
+# the environment if set; else the visible GPUs' (nvidia-smi); else 9.0, the H200's,
+# the machine code scripts/kernel_report.py reads. Each architecture is a full device
+# compile of every kernel, so a build for this machine is several times quicker. A
+# wheel built with `pip install .` outside make keeps setup.py's DEFAULT_CUDA_ARCH_LIST.
+ifeq ($(origin TORCH_CUDA_ARCH_LIST),undefined)
+TORCH_CUDA_ARCH_LIST := $(or $(shell nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+	| grep -E '^[0-9]+\.[0-9]+$$' | sort -u | paste -sd';'),9.0)
+endif
+export TORCH_CUDA_ARCH_LIST
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 
@@ -59,27 +66,37 @@ CMAKE_ARGS = -G Ninja -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; prin
 	-DCMAKE_MAKE_PROGRAM="$(abspath $(VENV))/bin/ninja" \
 	$$($(PY) scripts/cmake_cuda_args.py)
 
+# One LibTorch build, under AddressSanitizer and UBSan: the library (CPU and CUDA
+# kernels), its Catch2 tests and the examples. The Python build compiles the same
+# sources optimised, and pytest runs them; a second, unsanitised CMake build would
+# only run the same ctest cases again. The device code is not instrumented.
 build-cpp: $(DEPS_STAMP) catch2
-	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD_DIR) $(CMAKE_ARGS)
+	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD_DIR) $(CMAKE_ARGS) -DTORCH_EXT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	$(VENV)/bin/cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
 
+# pytest-xdist: the tests in $(MAX_JOBS) processes (each test is independent; ids are the same in each).
 test-python: $(BUILD_STAMP)
-	$(PY) -m pytest tests -ra $(PYTEST_ARGS)
+	$(PY) -m pytest tests -ra -n $(MAX_JOBS) --durations=15 $(PYTEST_ARGS)
 
 # ctest runs the tests in parallel (-j): the Catch2 cases and the examples are independent,
 # but the deployed-model example's fixture (the Python that writes the .pt2) runs first.
+# protect_shadow_gap=0: the CUDA driver maps memory where ASan's shadow gap would be.
 test-cpp: build-cpp
-	$(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
+	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 UBSAN_OPTIONS=print_stacktrace=1 \
+	  $(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
 
 # The short loop for an edit: an incremental build in place (ninja keeps its
 # objects in build/, so only what changed compiles; the editable install of
-# `make build` loads the same torch_ext/_C*.so), then every test not marked slow.
+# `make build` loads the same torch_ext/_C*.so), then every test not marked slow
+# (a slow test takes 10 s or more), in $(MAX_JOBS) processes.
 check: $(BUILD_STAMP)
 	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|Error" ; test $${PIPESTATUS[0]} -eq 0
-	$(PY) -m pytest tests -q -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -m "not slow" -n $(MAX_JOBS) -p no:cacheprovider $(PYTEST_ARGS)
 
-# Every test: pytest, ctest, and ctest again on the ASan/UBSan build.
-test: test-python test-cpp sanitize
+# Every test: pytest, and ctest on the ASan/UBSan build. The two halves are
+# independent and run side by side (make -j2); their lines interleave whole.
+test:
+	$(MAKE) --no-print-directory -j2 --output-sync=line test-python test-cpp
 
 # Train the W1A2 LMNet and its float twin, then run the trained W1A2 model in
 # low bits (torch_ext.deploy): its accuracy, agreement, weight bytes and speed.
@@ -91,11 +108,8 @@ train: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) -m benchmarks.bench --json bench.json
 
-# The C++ library and Catch2 tests under AddressSanitizer and UBSan (CPU only).
-sanitize: $(DEPS_STAMP) catch2
-	$(VENV)/bin/cmake -S . -B $(SANITIZE_BUILD_DIR) $(CMAKE_ARGS) -DTORCH_EXT_CUDA=OFF -DTORCH_EXT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
-	$(VENV)/bin/cmake --build $(SANITIZE_BUILD_DIR) -j $(MAX_JOBS)
-	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(VENV)/bin/ctest --test-dir $(SANITIZE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
+# The name of the LibTorch tests before they ran only sanitized.
+sanitize: test-cpp
 
 clean:
-	rm -rf build $(CMAKE_BUILD_DIR) $(SANITIZE_BUILD_DIR) *.egg-info torch_ext/_C*.so $(BUILD_STAMP)
+	rm -rf build $(CMAKE_BUILD_DIR) build-sanitize *.egg-info torch_ext/_C*.so $(BUILD_STAMP)

@@ -62,7 +62,7 @@ settings.load_profile("ci")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "slow: takes long (minutes) but runs by default; deselect with -m 'not slow'"
+        "markers", "slow: takes 10 s or more on 2 cores; make test runs it, make check leaves it out (-m 'not slow')"
     )
     config.addinivalue_line(
         "markers",

@@ -318,6 +318,7 @@ def test_bench_learnable_defaults_are_unchanged(monkeypatch, keep_threads):
 # The deploy benchmark (benchmarks/bench_deploy.py) and how the benchmarks are run.
 
 
+@pytest.mark.slow  # exports and times every candidate (about 13 s)
 def test_deploy_bench_runs_and_reports_every_candidate(keep_threads):
     import io
 

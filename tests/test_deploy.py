@@ -393,7 +393,14 @@ def _pre_activation_error_bound(model, act_name, conv_inputs):
     return (n_terms + 8) * u * mag
 
 
-@pytest.mark.parametrize("kind,kwargs", _model_cases(), ids=lambda v: v if isinstance(v, str) else str(v))
+def _case_id(value):
+    """A test id without memory addresses (functions by name), the same in every pytest process."""
+    if isinstance(value, str):
+        return value
+    return str({k: getattr(v, "__name__", v) for k, v in value.items()})
+
+
+@pytest.mark.parametrize("kind,kwargs", _model_cases(), ids=_case_id)
 def test_converted_codes_and_logits_agree(kind, kwargs):
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(7)

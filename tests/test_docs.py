@@ -207,7 +207,8 @@ def run_page(path: Path, page: str, cwd: Path, skip_section: Optional[Tuple[str,
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("page", PAGES)
+# The README's blocks train and export (about 19 s): slow, as make check counts it.
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p == "README.md" else p for p in PAGES])
 def test_page_runs(page, tmp_path, monkeypatch, record_property):
     section, reason = NOT_RUN_YET.get(page, ("", ""))
     if section is None:
@@ -305,6 +306,7 @@ def test_readme_says_how_to_run_commands_before_the_first_one():
     assert "source .venv/bin/activate" in before and ".venv/bin/python" in before, before
 
 
+@pytest.mark.slow  # a CMake configure (about 11 s)
 @pytest.mark.timeout(300)
 def test_readme_cmake_line_configures_as_written(tmp_path):
     """The README's CMake configure command, run as written from the repository root (the build folder

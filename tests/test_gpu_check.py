@@ -489,6 +489,7 @@ def test_find_cxx_without_a_good_compiler_fails_and_says_why(tmp_path, compilers
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: no need to pretend one")
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is not None, reason="compute-sanitizer is installed here")
+@pytest.mark.slow  # a CPU build of the extension (about 14 s)
 def test_preflight_builds_with_a_good_compiler_and_says_so(tmp_path, compilers):
     """With a GPU pretended, $CXX static-only: the preflight switches CXX and CC and prints why
     (summary.txt); with no good compiler anywhere it fails (exit 2) before any step."""
@@ -567,6 +568,7 @@ def _collected_marks(tmp_path: Path, gpu: bool) -> dict:
     return json.loads((folder / "marks.json").read_text())
 
 
+@pytest.mark.slow  # collects the whole suite in a second pytest (about 11 s)
 def test_every_test_that_needs_a_gpu_is_marked_cuda(tmp_path):
     with_gpu, without = _collected_marks(tmp_path, True), _collected_marks(tmp_path, False)
     unmarked = sorted(

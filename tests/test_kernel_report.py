@@ -322,6 +322,7 @@ def report(tmp_path_factory):
     return json.loads(out.read_text()), proc.stdout
 
 
+@pytest.mark.slow  # the report reads the whole extension's SASS once (about 12 s)
 def test_every_kernel_is_reported_and_every_call_named(report):
     document, table = report
     kernels = document["kernels"]
@@ -336,6 +337,7 @@ def test_every_kernel_is_reported_and_every_call_named(report):
 
 
 @pytest.mark.parametrize("budget", list(BUDGETS))
+@pytest.mark.slow  # shares the report above
 def test_budget(report, budget):
     spec = BUDGETS[budget]
     kernels = [k for k in report[0]["kernels"] if re.search(spec["kernels"], k["function"])]

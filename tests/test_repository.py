@@ -1,5 +1,6 @@
 """The repository stands on its own: no path outside it, links that resolve,
-the training package kept in readable pieces, and no import circle in the package.
+the code kept in readable pieces (no source file over 600 lines, no function
+over 80), and no import circle in the package.
 """
 
 import ast
@@ -118,3 +119,113 @@ def test_the_package_import_graph_has_no_circle():
         if name not in state:
             visit(name, [name])
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+# --------------------------------------------------------------------------
+# Readable pieces: every product source (the package, the C++ and CUDA, the
+# scripts, examples and benchmarks; the tests are not held to it).
+
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 80
+SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh"}
+
+
+def _product_sources():
+    tops = ("torch_ext", "csrc", "cuda", "scripts", "examples", "benchmarks")
+    return sorted(f for f in _tracked_files() if f.suffix in SOURCE_SUFFIXES and
+                  (f.relative_to(REPO).parts[0] in tops or f.relative_to(REPO) == Path("setup.py")))
+
+
+def _strip_cxx(text: str) -> str:
+    """C++ without comments, string and character literals (line breaks kept)."""
+    pattern = re.compile(r'//[^\n]*|/\*.*?\*/|"(?:\\.|[^"\\\n])*"|\'(?:\\.|[^\'\\\n])*\'', re.S)
+    return pattern.sub(lambda m: "\n" * m.group().count("\n") if m.group()[0] == "/" else '""', text)
+
+
+_CONTROL = re.compile(r"\b(if|for|while|switch|catch|do|else|try)\s*(\(|$)")
+_SCOPE = re.compile(r"\b(namespace|class|struct|union|enum|extern\s*\"\")\b[^;(){}]*$")
+
+
+def _cxx_functions(text: str):
+    """(name, lines) of each function body at namespace or class scope.
+
+    A block is a function when the text before its brace ends with a
+    parameter list (a macro such as TORCH_LIBRARY_FRAGMENT(torch_ext, m)
+    counts too); lambdas and control blocks inside it count toward it.
+    """
+    code = _strip_cxx(text)
+    stack, head = [], ""
+    line = 1
+    for ch in code:
+        if ch == "\n":
+            line += 1
+        if ch == "{":
+            before = head.strip()
+            outer = all(kind == "scope" for kind, _, _ in stack)
+            if outer and _SCOPE.search(before):
+                stack.append(("scope", before, line))
+            elif outer and re.search(r"\)\s*(const|noexcept|override|final|->[^{;]*|\s)*$", before) \
+                    and not _CONTROL.search(before.splitlines()[-1] if before else ""):
+                name = re.findall(r"([~\w:]+)\s*\(", before)
+                stack.append(("function", name[0] if name else before[:40], line))
+            else:
+                stack.append(("block", before, line))
+            head = ""
+        elif ch == "}":
+            if stack:
+                kind, name, start = stack.pop()
+                if kind == "function":
+                    yield name, line - start + 1
+            head = ""
+        elif ch == ";":
+            head = ""
+        else:
+            head += ch
+
+
+def test_the_cxx_function_finder_sees_functions_not_blocks():
+    text = ("namespace a {\nint f(int x) {\n  if (x) {\n    return 1;\n  }\n  auto g = [&](int y) {\n"
+            "    return y;\n  };\n  return g(x);\n}\nstruct S {\n  void m() const { }\n};\n}  // } {\n"
+            "TORCH_LIBRARY_FRAGMENT(torch_ext, m) {\n  m.def(\"a(Tensor x) -> Tensor\");\n}\n")
+    assert list(_cxx_functions(text)) == [("f", 9), ("m", 1), ("TORCH_LIBRARY_FRAGMENT", 3)]
+
+
+def test_no_source_file_is_over_600_lines():
+    long = [(str(f.relative_to(REPO)), n) for f in _product_sources()
+            if (n := len(f.read_text(encoding="utf-8").splitlines())) > MAX_FILE_LINES]
+    assert not long, long
+
+
+def test_no_function_is_over_80_lines():
+    long = []
+    for f in _product_sources():
+        text = f.read_text(encoding="utf-8")
+        if f.suffix == ".py":
+            found = _functions(f)
+        elif f.suffix == ".sh":
+            continue
+        else:
+            found = _cxx_functions(text)
+        long += [(str(f.relative_to(REPO)), name, n) for name, n in found if n > MAX_FUNCTION_LINES]
+    assert not long, long
+
+
+def test_every_operator_family_has_its_files_named_alike():
+    """A family is csrc/ops/<family>.cpp (schemas, checks, C++ API, autograd) and
+    torch_ext/ops/<family>.py (Python API, fake kernels, torch.func); its kernels'
+    files (csrc/cpu/, csrc/composite/, cuda/) start with its name (docs/adding_an_op.md)."""
+    cxx = {p.stem for p in (REPO / "csrc" / "ops").glob("*.cpp")}
+    python = {p.stem for p in (REPO / "torch_ext" / "ops").glob("*.py") if not p.name.startswith("_")}
+    assert cxx >= {"quantize", "learnable", "packed", "weight_quantization"}, cxx
+    assert cxx == python, (sorted(cxx - python), sorted(python - cxx))
+    kernels = [p for folder in ("csrc/cpu", "csrc/composite", "cuda") for p in (REPO / folder).glob("*")
+               if p.suffix in (".cpp", ".cu")]
+    orphans = [str(p.relative_to(REPO)) for p in kernels if not any(p.stem.startswith(f + "_") for f in cxx)]
+    assert kernels and not orphans, orphans
+    # No schema outside a family's file: one TORCH_LIBRARY_FRAGMENT a family.
+    for path in sorted((REPO / "csrc").rglob("*.cpp")):
+        text = path.read_text(encoding="utf-8")
+        assert "TORCH_LIBRARY(" not in text, path
+        if "TORCH_LIBRARY_FRAGMENT(" in text:
+            assert path.parent.name == "ops", path
+
