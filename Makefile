@@ -94,9 +94,16 @@ check: $(BUILD_STAMP)
 	$(PY) -m pytest tests -q -m "not slow" -n $(MAX_JOBS) -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every test: pytest, and ctest on the ASan/UBSan build. The two halves are
-# independent and run side by side (make -j2); their lines interleave whole.
-test:
-	$(MAKE) --no-print-directory -j2 --output-sync=line test-python test-cpp
+# independent and run side by side: pytest shows its progress here, the C++ half
+# writes to $(CPP_LOG) (tail -f it to follow), printed whole when pytest is done.
+CPP_LOG := $(CMAKE_BUILD_DIR)/make-test-cpp.log
+test: $(DEPS_STAMP) catch2
+	@mkdir -p $(CMAKE_BUILD_DIR); rm -f $(CPP_LOG).rc
+	@echo "make test-cpp (the LibTorch build under ASan/UBSan, then ctest) runs beside pytest, into $(CPP_LOG)"
+	@( $(MAKE) --no-print-directory test-cpp > $(CPP_LOG) 2>&1; echo $$? > $(CPP_LOG).rc ) & \
+	$(MAKE) --no-print-directory test-python; py=$$?; wait; cpp=$$(cat $(CPP_LOG).rc); \
+	echo "---- make test-cpp ($(CPP_LOG)):"; cat $(CPP_LOG); \
+	echo "make test: pytest exit $$py, make test-cpp exit $$cpp"; [ "$$py" = 0 ] && [ "$$cpp" = 0 ]
 
 # Train the W1A2 LMNet and its float twin, then run the trained W1A2 model in
 # low bits (torch_ext.deploy): its accuracy, agreement, weight bytes and speed.

@@ -57,20 +57,7 @@ C10_ALWAYS_INLINE void or_bits_strided(word_t* dst, int64_t stride, int64_t offs
 
 // ORs the `count` low bits of src (words) into dst starting at bit `offset`.
 inline void or_bits(word_t* dst, int64_t offset, const word_t* src, int64_t count) {
-  for (int64_t j = 0; j * kPackedWordBits < count; ++j) {
-    const int64_t n = std::min<int64_t>(kPackedWordBits, count - j * kPackedWordBits);
-    word_t v = src[j];
-    if (n < kPackedWordBits) {
-      v &= (word_t(1) << n) - 1;
-    }
-    const int64_t at_bit = offset + j * kPackedWordBits;
-    const int64_t word = at_bit / kPackedWordBits;
-    const int shift = static_cast<int>(at_bit % kPackedWordBits);
-    dst[word] |= v << shift;
-    if (shift != 0 && shift + n > kPackedWordBits) {
-      dst[word + 1] |= v >> (kPackedWordBits - shift);
-    }
-  }
+  or_bits_strided(dst, 1, offset, src, count);
 }
 
 // The AVX-512 copies also need VPOPCNTQ (cpu_isa() checks the rest, and the

@@ -61,14 +61,11 @@ def _mean_abs(w: torch.Tensor) -> torch.Tensor:
     return w.abs().contiguous().mean()
 
 
-class _BinaryMeanScaling(torch.autograd.Function):
-    """Autograd function behind :func:`binary_mean_scaling_quantize`."""
+class _StraightThroughScaling(torch.autograd.Function):
+    """The binary quantizers' gradient: straight through (docs/quantizer.md), grad_w = grad_y,
+    unmasked. A subclass gives the forward."""
 
     generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
-
-    @staticmethod
-    def forward(w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _signed_scale(w, _mean_abs(w))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: D401 - nothing to save
@@ -77,8 +74,15 @@ class _BinaryMeanScaling(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # Straight-through estimator (docs/quantizer.md): grad_w = grad_y, unmasked.
         return grad_y
+
+
+class _BinaryMeanScaling(_StraightThroughScaling):
+    """Autograd function behind :func:`binary_mean_scaling_quantize`."""
+
+    @staticmethod
+    def forward(w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _signed_scale(w, _mean_abs(w))
 
 
 def _check_channel_dim(w: torch.Tensor) -> None:
@@ -98,22 +102,12 @@ def _channel_mean_abs(w: torch.Tensor) -> torch.Tensor:
     return w.abs().contiguous().mean(dim=tuple(range(1, w.dim())), keepdim=True)
 
 
-class _BinaryChannelWiseMeanScaling(torch.autograd.Function):
+class _BinaryChannelWiseMeanScaling(_StraightThroughScaling):
     """Autograd function behind :func:`binary_channel_wise_mean_scaling_quantize`."""
-
-    generate_vmap_rule = True  # only tensor operations: torch.vmap derives the batched rule
 
     @staticmethod
     def forward(w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return _signed_scale(w, _channel_mean_abs(w))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad_y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return grad_y
 
 
 def binary_mean_scaling_quantize(w: torch.Tensor) -> torch.Tensor:
