@@ -18,6 +18,8 @@ from typing import List
 import torch
 from torch import nn
 
+from ..reference import levels_above_zero
+
 
 class Stage(nn.Module):
     """Base of the stages: ``key`` and :meth:`codes_of`."""
@@ -92,10 +94,11 @@ class CodesToFloatStage(Stage):
     def __init__(self, channels: int, bit: int, max_value: float) -> None:
         super().__init__("", channels)
         self.register_buffer("m", torch.tensor(max_value, dtype=torch.float32))
-        self.register_buffer("n", torch.tensor(2.0**bit - 1.0, dtype=torch.float32))
+        self.register_buffer("n", torch.tensor(levels_above_zero(bit), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         codes = torch.ops.torch_ext.unpack_codes(x, self.channels)
+        # reference.dequantize's (k / n) * m, written out: TorchScript cannot take its steps object.
         return torch.mul(torch.div(codes.to(torch.float32), self.n), self.m)
 
 

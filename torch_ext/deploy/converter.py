@@ -30,6 +30,7 @@ from ..models import SpaceToDepth, _GlobalAveragePool
 from ..modules import QuantActivation
 from ..ops.packed import pack_binary_weights
 from ..quant_conv import QuantConv2d
+from ..reference import levels_above_zero
 from . import _stages as st
 
 __all__ = ["DeployedModel", "convert", "fold_thresholds", "binary_weight"]
@@ -221,7 +222,7 @@ def fold_thresholds(
     such that the code of channel ``o`` is the number of ``k`` with
     ``direction[o] * acc >= thresholds[o, k]``, for every ``|acc| <= bound``.
     """
-    levels = 2**out_bit - 1
+    levels = int(levels_above_zero(out_bit))
     acc = torch.arange(-bound, bound + 1, dtype=torch.int64)
     chunk = max(1, (1 << 22) // max(out_channels, 1))
     # int16 codes: [O, 2B + 1] stays small for wide layers too.
@@ -441,10 +442,10 @@ def _convert_conv(chain, i: int, scale: torch.Tensor, packed: Tuple[int, int, fl
     stride = [int(s) for s in conv.stride]
     padding = _conv_padding(name, conv)
     kh, kw = conv.kernel_size
-    bound = (2**bit - 1) * channels * kh * kw
+    bound = int(levels_above_zero(bit)) * channels * kh * kw
     if bound >= 2**31 - 1:
         raise _refuse(name, conv, f"its accumulator bound {bound} does not fit an int32")
-    in_step = max_value / (2.0**bit - 1.0)
+    in_step = max_value / levels_above_zero(bit)
 
     # Look ahead: BatchNorm2d / ReLU / Dropout / Identity up to a QuantActivation -> thresholds.
     j = i + 1
