@@ -17,6 +17,8 @@
 // in shared memory (build_form), with no host synchronisation.
 #pragma once
 
+#include "tiles.cuh"
+
 #include "torch_ext/formula.h"
 #include "torch_ext/steps.h"
 #include "torch_ext/storage.h"
@@ -132,6 +134,29 @@ __device__ __forceinline__ void quantize_vector(const Form& form, const B* in, B
     x[j] = S::load(vin[j]);
   }
   form.apply(x, vin, vout);
+}
+
+// A thread's part of tile t of a forward: x loaded, quantized one vector at a
+// time by `form` (a thread's 16 or 32 values and results would not all fit
+// in registers at full occupancy), y stored. After vector k is quantized,
+// per_vector(k, values) is called with its values in T, for the masks (every
+// lane of the warp calls it, as cuda_tiles::store_mask_bits needs). The tile
+// body of both operators' forward kernels.
+template <bool kFull, typename Form, typename scalar_t, typename PerVector>
+__device__ __forceinline__ void quantize_tile(
+    const Form& form, const scalar_t* x, scalar_t* y, int64_t t, int64_t numel, PerVector&& per_vector) {
+  using Tl = cuda_tiles::Tile<scalar_t>;
+  using B = bits_t<scalar_t>;
+  B in[Tl::kThreadElems];
+  cuda_tiles::load_tile<kFull>(x, t, numel, in);
+  B out[Tl::kThreadElems];
+#pragma unroll
+  for (int k = 0; k < cuda_tiles::kVecs; ++k) {
+    formula::compute_t<scalar_t> xv[Tl::kVecElems];
+    quantize_vector<Tl::kVecElems>(form, in, out, k, xv);
+    per_vector(k, xv);
+  }
+  cuda_tiles::store_tile<kFull>(y, t, numel, out);
 }
 
 // ---------------------------------------------------------------------------

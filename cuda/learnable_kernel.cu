@@ -64,33 +64,19 @@ __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kern
     const scalar_t* __restrict__ x, scalar_t* __restrict__ y, uint8_t* __restrict__ masks, int64_t numel,
     int64_t bytes, bool aligned, const compute_t<scalar_t>* __restrict__ m_ptr, int levels) {
   using T = compute_t<scalar_t>;
-  using B = bits_t<scalar_t>;
-  using Tl = Tile<scalar_t>;
   __shared__ Form form;
   build_shared_form(form, m_ptr, levels);
   cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
     constexpr bool kFull = decltype(full)::value;
-    B in[Tl::kThreadElems];
-    cuda_tiles::load_tile<kFull>(x, t, numel, in);
-    B out[Tl::kThreadElems];
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      T xv[Tl::kVecElems];
-      cuda_forms::quantize_vector<Tl::kVecElems>(form, in, out, k, xv);
+    cuda_forms::quantize_tile<kFull>(form, x, y, t, numel, [&](int k, const auto& xv) {
       if (kMasks) {
         const T m = form.max_value();
-        uint32_t pass = 0;
-        uint32_t above = 0;
-#pragma unroll
-        for (int j = 0; j < Tl::kVecElems; ++j) {
-          pass |= static_cast<uint32_t>(formula::passes_gradient(xv[j], m)) << j;
-          above |= static_cast<uint32_t>(xv[j] >= m) << j;
-        }
+        const uint32_t pass = cuda_tiles::bits_where(xv, [m](T v) { return formula::passes_gradient(v, m); });
+        const uint32_t above = cuda_tiles::bits_where(xv, [m](T v) { return v >= m; });
         cuda_tiles::store_mask_bits<kFull, scalar_t>(masks, t, k, numel, pass);
         cuda_tiles::store_mask_bits<kFull, scalar_t>(masks + bytes, t, k, numel, above);
       }
-    }
-    cuda_tiles::store_tile<kFull>(y, t, numel, out);
+    });
   });
 }
 

@@ -40,30 +40,15 @@ template <typename scalar_t, bool kWriteMask, typename Form>
 __global__ void __launch_bounds__(kThreads, cuda_tiles::kMinBlocks) forward_kernel(
     const scalar_t* x, scalar_t* y, uint8_t* mask, int64_t numel, bool aligned, Form form) {
   using T = compute_t<scalar_t>;
-  using B = bits_t<scalar_t>;
-  using Tl = Tile<scalar_t>;
   cuda_tiles::for_each_tile<scalar_t>(numel, aligned, [&](int64_t t, auto full) {
     constexpr bool kFull = decltype(full)::value;
-    B in[Tl::kThreadElems];
-    cuda_tiles::load_tile<kFull>(x, t, numel, in);
-    // One vector at a time: a thread's 16 or 32 values and results would
-    // not all fit in registers at full occupancy.
-    B out[Tl::kThreadElems];
-#pragma unroll
-    for (int k = 0; k < kVecs; ++k) {
-      T xv[Tl::kVecElems];
-      cuda_forms::quantize_vector<Tl::kVecElems>(form, in, out, k, xv);
+    cuda_forms::quantize_tile<kFull>(form, x, y, t, numel, [&](int k, const auto& xv) {
       if (kWriteMask) {
         const T m = form.max_value();
-        uint32_t bits = 0;
-#pragma unroll
-        for (int j = 0; j < Tl::kVecElems; ++j) {
-          bits |= static_cast<uint32_t>(formula::passes_gradient(xv[j], m)) << j;
-        }
+        const uint32_t bits = cuda_tiles::bits_where(xv, [m](T v) { return formula::passes_gradient(v, m); });
         cuda_tiles::store_mask_bits<kFull, scalar_t>(mask, t, k, numel, bits);
       }
-    }
-    cuda_tiles::store_tile<kFull>(y, t, numel, out);
+    });
   });
 }
 

@@ -137,6 +137,17 @@ __device__ __forceinline__ void store_mask_bits(uint8_t* mask, int64_t t, int k,
   }
 }
 
+// The mask bits of a vector's values: bit j is pred(x[j]).
+template <int N, typename T, typename Pred>
+__device__ __forceinline__ uint32_t bits_where(const T (&x)[N], Pred pred) {
+  uint32_t bits = 0;
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    bits |= static_cast<uint32_t>(pred(x[j])) << j;
+  }
+  return bits;
+}
+
 // The mask bits of vector k (bit j: element j), read from its byte.
 template <bool kFull, typename scalar_t>
 __device__ __forceinline__ uint32_t load_mask_bits(const uint8_t* mask, int64_t t, int k, int64_t numel) {
