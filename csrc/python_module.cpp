@@ -32,17 +32,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       pybind11::arg("bit"));
   m.def(
       "check_max_value",
-      [](double max_value, std::optional<at::ScalarType> dtype) {
+      [](double max_value, std::optional<at::ScalarType> dtype, const std::string& op) {
         // With a dtype, also refused where it rounds to 0 or inf in x's compute type.
         HANDLE_TH_ERRORS
         if (dtype.has_value()) {
-          torch_ext::check_max_value(max_value, *dtype);
+          torch_ext::check_max_value(max_value, *dtype, op.c_str());
         } else {
-          torch_ext::check_max_value(max_value);
+          torch_ext::check_max_value(max_value, op.c_str());
         }
         END_HANDLE_TH_ERRORS_PYBIND
       },
-      pybind11::arg("max_value"), pybind11::arg("dtype") = pybind11::none());
+      pybind11::arg("max_value"), pybind11::arg("dtype") = pybind11::none(),
+      pybind11::arg("op") = "linear_mid_tread_half_quantize");
   m.def(
       "check_backward_arguments",
       [](const at::Tensor& grad_y, const at::Tensor& mask) {

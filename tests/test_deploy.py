@@ -217,6 +217,9 @@ def _bad_inputs():
         ("pack_codes", (codes | 4, 2), ValueError, "codes must be in 0..3"),
         ("quantize_pack_codes", (codes.float().double(), 2, 2.0), TypeError, "x must be a float32"),
         ("quantize_pack_codes", (codes.float(), 2, -1.0), ValueError, "max_value must be finite and > 0"),
+        # As quantize_to_codes: a max_value that float32 (x's type) rounds to 0 or to infinity.
+        ("quantize_pack_codes", (codes.float(), 2, 1e-46), ValueError, "max_value=1e-46 rounds to 0 in float32"),
+        ("quantize_pack_codes", (codes.float(), 2, 1e39), ValueError, "max_value=1e+39 rounds to infinity"),
         ("unpack_codes", (x, 64), ValueError, "64 channels need 1"),
         ("unpack_codes", (x.to(torch.int32), 70), TypeError, "packed must be an int64"),
         ("unpack_codes", (x[0], 70), ValueError, "packed must have shape [N, H, W, bit, words]"),
@@ -249,6 +252,16 @@ def test_bad_input_is_refused(name, args, exc, message):
     for a, b in zip(args, snapshot):  # inputs untouched
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("max_value", [-1.0, 1e-46, 1e39])
+def test_the_fake_quantize_pack_codes_refuses_the_max_values_the_kernel_refuses(max_value):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(1, 3, 2, 2)
+        with pytest.raises(ValueError, match=r"quantize_pack_codes: max_value"):
+            ops.quantize_pack_codes(x, 2, max_value)
 
 
 def _escape(text: str) -> str:

@@ -26,7 +26,7 @@ namespace {
 
 // y = where(w >= 0, scale, -scale) written into a tensor laid out like w
 // (empty_like keeps a dense layout such as channels_last), which is the
-// layout the fake kernel in torch_ext/_meta.py promises.
+// layout the fake kernel in torch_ext/ops/weight_quantization.py promises.
 at::Tensor signed_scale(const at::Tensor& w, const at::Tensor& scale) {
   at::Tensor y = at::empty_like(w);
   at::where_out(y, w.ge(0), scale, scale.neg());

@@ -153,8 +153,9 @@ __attribute__((target("avx2,popcnt"))) void conv_tiles_avx2(const Geometry& g, c
 
 template <int BIT>
 void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Output& out) {
+  const IsaCap isa = packed_isa();
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  if (cpu_has_avx512_vpopcnt()) {
+  if (isa == kIsaAvx512) {
     run_conv_avx512<BIT>(g, x, w, out);
     return;
   }
@@ -163,11 +164,7 @@ void run_conv_bit(const Geometry& g, const word_t* x, const word_t* w, const Out
   // About 64k word operations a task at least.
   const int64_t work = std::max<int64_t>(1, kTile * BIT * g.K() * g.O);
   const int64_t grain = std::max<int64_t>(1, 65536 / work);
-#ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  const bool avx2 = cpu_isa() >= kIsaAvx2;
-#else
-  const bool avx2 = false;
-#endif
+  const bool avx2 = isa == kIsaAvx2;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
     if (avx2) {
@@ -279,52 +276,6 @@ at::Tensor packed_conv2d_threshold_cpu(const at::Tensor& x_in, const at::Tensor&
 }
 
 }  // namespace
-
-void write_pixel(const Geometry& g, const Output& out, int64_t pix, const int32_t* acc) {
-  const int64_t plane = g.Ho * g.Wo;
-  const int64_t n = pix / plane;
-  const int64_t yx = pix % plane;
-  switch (out.kind) {
-    case OutKind::kInt32: {
-      int32_t* dst = out.acc + n * g.O * plane + yx;
-      for (int64_t o = 0; o < g.O; ++o) {
-        dst[o * plane] = acc[o];
-      }
-      break;
-    }
-    case OutKind::kAffine: {
-      float* dst = out.out + n * g.O * plane + yx;
-      for (int64_t o = 0; o < g.O; ++o) {
-        const float prod = static_cast<float>(acc[o]) * out.scale[o];
-        dst[o * plane] = prod + out.bias[o];
-      }
-      break;
-    }
-    case OutKind::kThreshold: {
-      // The code of channel o: how many of its ascending thresholds
-      // direction * acc reaches, written as bit-planes.
-      word_t* dst = out.packed + pix * out.out_bit * out.out_words;
-      std::memset(dst, 0, sizeof(word_t) * out.out_bit * out.out_words);
-      for (int64_t o = 0; o < g.O; ++o) {
-        const int64_t v = static_cast<int64_t>(out.direction[o]) * acc[o];
-        const int32_t* t = out.thresholds + o * out.levels;
-        int64_t code = 0;
-        for (int64_t k = 0; k < out.levels; ++k) {
-          code += v >= t[k];
-        }
-        const word_t bit = word_t(1) << (o % kPackedWordBits);
-        const int64_t word = o / kPackedWordBits;
-        for (int64_t p = 0; p < out.out_bit; ++p) {
-          if ((code >> p) & 1) {
-            dst[p * out.out_words + word] |= bit;
-          }
-        }
-      }
-      break;
-    }
-  }
-}
-
 }  // namespace torch_ext::cpu::packed
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {

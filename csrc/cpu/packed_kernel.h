@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -68,6 +69,19 @@ inline bool cpu_has_avx512_vpopcnt() {
   return has_vpopcnt && cpu_isa() >= kIsaAvx512;
 #else
   return false;
+#endif
+}
+
+// The copy of the packed loops to run: AVX-512 with VPOPCNTQ, else AVX2 (an
+// AVX-512 CPU without VPOPCNTQ too), else the baseline.
+inline IsaCap packed_isa() {
+  if (cpu_has_avx512_vpopcnt()) {
+    return kIsaAvx512;
+  }
+#ifdef TORCH_EXT_PACKED_HAVE_AVX2
+  return cpu_isa() >= kIsaAvx2 ? kIsaAvx2 : kIsaBaseline;
+#else
+  return kIsaBaseline;
 #endif
 }
 
@@ -143,8 +157,51 @@ struct PixelPos {
 };
 
 // Writes the O accumulators of pixel `pix` (an index into N * Ho * Wo) as
-// `out` asks.
-void write_pixel(const Geometry& g, const Output& out, int64_t pix, const int32_t* acc);
+// `out` asks. Inlined into every ISA's copy of the convolution loop.
+C10_ALWAYS_INLINE void write_pixel(const Geometry& g, const Output& out, int64_t pix, const int32_t* acc) {
+  const int64_t plane = g.Ho * g.Wo;
+  const int64_t n = pix / plane;
+  const int64_t yx = pix % plane;
+  switch (out.kind) {
+    case OutKind::kInt32: {
+      int32_t* dst = out.acc + n * g.O * plane + yx;
+      for (int64_t o = 0; o < g.O; ++o) {
+        dst[o * plane] = acc[o];
+      }
+      break;
+    }
+    case OutKind::kAffine: {
+      float* dst = out.out + n * g.O * plane + yx;
+      for (int64_t o = 0; o < g.O; ++o) {
+        const float prod = static_cast<float>(acc[o]) * out.scale[o];
+        dst[o * plane] = prod + out.bias[o];
+      }
+      break;
+    }
+    case OutKind::kThreshold: {
+      // The code of channel o: how many of its ascending thresholds
+      // direction * acc reaches, written as bit-planes.
+      word_t* dst = out.packed + pix * out.out_bit * out.out_words;
+      std::memset(dst, 0, sizeof(word_t) * out.out_bit * out.out_words);
+      for (int64_t o = 0; o < g.O; ++o) {
+        const int64_t v = static_cast<int64_t>(out.direction[o]) * acc[o];
+        const int32_t* t = out.thresholds + o * out.levels;
+        int64_t code = 0;
+        for (int64_t k = 0; k < out.levels; ++k) {
+          code += v >= t[k];
+        }
+        const word_t bit = word_t(1) << (o % kPackedWordBits);
+        const int64_t word = o / kPackedWordBits;
+        for (int64_t p = 0; p < out.out_bit; ++p) {
+          if ((code >> p) & 1) {
+            dst[p * out.out_words + word] |= bit;
+          }
+        }
+      }
+      break;
+    }
+  }
+}
 
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
 // The convolution of BIT-bit codes x with weights w (both in the gathered

@@ -4,6 +4,7 @@
 #include "cpu/packed_kernel.h"
 
 #include "torch_ext/formula.h"
+#include "torch_ext/torch_ext.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -141,23 +142,13 @@ TORCH_EXT_AVX512_TARGET void quantize_pack_avx512(const QuantizePackArgs& a, uin
 #pragma GCC diagnostic pop
 #endif
 
-// The copy to run: 2 AVX-512 (with VPOPCNTQ, as the convolution), 1 AVX2,
-// 0 baseline.
-int quantize_pack_isa() {
+void quantize_pack_chunk(IsaCap isa, const QuantizePackArgs& a, uint8_t* cj, uint8_t* jc) {
 #ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  return cpu_has_avx512_vpopcnt() ? 2 : (cpu_isa() >= kIsaAvx2 ? 1 : 0);
-#else
-  return 0;
-#endif
-}
-
-void quantize_pack_chunk(int isa, const QuantizePackArgs& a, uint8_t* cj, uint8_t* jc) {
-#ifdef TORCH_EXT_PACKED_HAVE_AVX2
-  if (isa == 2) {
+  if (isa == kIsaAvx512) {
     quantize_pack_avx512(a, cj, jc);
     return;
   }
-  if (isa == 1) {
+  if (isa == kIsaAvx2) {
     quantize_pack_avx2(a, cj, jc);
     return;
   }
@@ -168,8 +159,7 @@ void quantize_pack_chunk(int isa, const QuantizePackArgs& a, uint8_t* cj, uint8_
 
 void check_quantize_pack_arguments(const char* op, const at::Tensor& x, int64_t bit, double max_value) {
   check_code_bit(op, "bit", bit);
-  TORCH_CHECK_VALUE(std::isfinite(max_value) && max_value > 0.0, op,
-                    ": max_value must be finite and > 0, got max_value=", max_value);
+  check_max_value(max_value, at::kFloat, op);  // float32's: x is float32
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": x must be a float32 tensor, got x of dtype ",
                    x.scalar_type());
   check_cpu(x, op, "x");
@@ -192,7 +182,7 @@ at::Tensor quantize_pack_codes_cpu(const at::Tensor& x_in, int64_t bit, double m
   const float* src = x.const_data_ptr<float>();
   auto* dst = reinterpret_cast<word_t*>(out.data_ptr<int64_t>());
   const int64_t chunks_per_image = (HW + kQChunk - 1) / kQChunk;
-  const int isa = quantize_pack_isa();
+  const IsaCap isa = packed_isa();  // as the convolution
   at::parallel_for(0, N * chunks_per_image, std::max<int64_t>(1, 16384 / (C * kQChunk)), [&](int64_t b, int64_t e) {
     std::vector<uint8_t> cj(static_cast<size_t>(C * kQChunk));
     std::vector<uint8_t> jc(static_cast<size_t>(C * kQChunk));

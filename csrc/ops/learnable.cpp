@@ -40,7 +40,7 @@ TORCH_LIBRARY_FRAGMENT(torch_ext, m) {
 namespace torch_ext {
 
 // ---------------------------------------------------------------------------
-// Argument checks (torch_ext/_meta.py repeats them in Python for tracing).
+// Argument checks (torch_ext/ops/learnable.py repeats them in Python for tracing).
 
 namespace {
 
@@ -91,31 +91,31 @@ void check_saved(const at::Tensor& grad_y, const at::Tensor& saved, const std::s
   }
 }
 
-}  // namespace
-
-void check_learnable_arguments(const at::Tensor& x, const at::Tensor& max_value, int64_t bit, const std::string& mode) {
-  constexpr const char* op = "linear_mid_tread_half_quantize_learnable";
+// What the forward and the backward both check: bit, mode, the floating
+// tensor t (x or grad_y) and max_value beside it.
+void check_common(const char* op, int64_t bit, const std::string& mode, const at::Tensor& t, const char* name,
+                  const at::Tensor& max_value) {
   TORCH_CHECK_VALUE(
       (bit >= 1 && bit <= 16) || bit == 32, op, ": bit must be in 1..16 or 32, got bit=", bit);
   check_mode(mode, op);
   TORCH_CHECK_TYPE(
-      is_floating(x.scalar_type()), op,
-      ": x must be a floating-point tensor (float16, bfloat16, float32 or float64), got x of dtype ", x.scalar_type());
-  check_learnable_max_value(max_value, x, op, "x");
+      is_floating(t.scalar_type()), op, ": ", name,
+      " must be a floating-point tensor (float16, bfloat16, float32 or float64), got ", name, " of dtype ",
+      t.scalar_type());
+  check_learnable_max_value(max_value, t, op, name);
+}
+
+}  // namespace
+
+void check_learnable_arguments(const at::Tensor& x, const at::Tensor& max_value, int64_t bit, const std::string& mode) {
+  check_common("linear_mid_tread_half_quantize_learnable", bit, mode, x, "x", max_value);
 }
 
 void check_learnable_backward_arguments(
     const at::Tensor& grad_y, const at::Tensor& saved, const at::Tensor& max_value, int64_t bit,
     const std::string& mode) {
   constexpr const char* op = "linear_mid_tread_half_quantize_learnable_backward";
-  TORCH_CHECK_VALUE(
-      (bit >= 1 && bit <= 16) || bit == 32, op, ": bit must be in 1..16 or 32, got bit=", bit);
-  check_mode(mode, op);
-  TORCH_CHECK_TYPE(
-      is_floating(grad_y.scalar_type()), op,
-      ": grad_y must be a floating-point tensor (float16, bfloat16, float32 or float64), got grad_y of dtype ",
-      grad_y.scalar_type());
-  check_learnable_max_value(max_value, grad_y, op, "grad_y");
+  check_common(op, bit, mode, grad_y, "grad_y", max_value);
   check_saved(grad_y, saved, mode, op);
 }
 

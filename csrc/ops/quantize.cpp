@@ -48,7 +48,7 @@ TORCH_LIBRARY_FRAGMENT(torch_ext, m) {
 namespace torch_ext {
 
 // ---------------------------------------------------------------------------
-// Argument checks (the fake kernels of torch_ext/_meta.py call them too,
+// Argument checks (the fake kernels of torch_ext/ops/quantize.py call them too,
 // through csrc/python_module.cpp, so tracing refuses what the kernels refuse).
 
 void check_bit(int64_t bit) {
@@ -57,14 +57,13 @@ void check_bit(int64_t bit) {
       "linear_mid_tread_half_quantize: bit must be in 1..16 or 32, got bit=", bit);
 }
 
-void check_max_value(double max_value) {
+void check_max_value(double max_value, const char* op) {
   TORCH_CHECK_VALUE(
-      std::isfinite(max_value) && max_value > 0.0,
-      "linear_mid_tread_half_quantize: max_value must be finite and > 0, got max_value=", max_value);
+      std::isfinite(max_value) && max_value > 0.0, op, ": max_value must be finite and > 0, got max_value=", max_value);
 }
 
-void check_max_value(double max_value, at::ScalarType dtype) {
-  check_max_value(max_value);
+void check_max_value(double max_value, at::ScalarType dtype, const char* op) {
+  check_max_value(max_value, op);
   if (dtype == at::kDouble) {
     return;  // the compute type is float64 itself: every finite max_value > 0 is exact
   }
@@ -76,8 +75,7 @@ void check_max_value(double max_value, at::ScalarType dtype) {
   constexpr double kRoundsToZero = 0x1p-150;
   constexpr double kRoundsToInf = 0x1.ffffffp+127;
   TORCH_CHECK_VALUE(
-      max_value > kRoundsToZero && max_value < kRoundsToInf,
-      "linear_mid_tread_half_quantize: max_value=", max_value, " rounds to ",
+      max_value > kRoundsToZero && max_value < kRoundsToInf, op, ": max_value=", max_value, " rounds to ",
       max_value <= kRoundsToZero ? "0" : "infinity", " in float32, the compute type of x of dtype ", dtype,
       " (max_value must round to a finite float32 > 0: from about 1.4e-45 to 3.4028235e+38)");
 }
@@ -93,7 +91,7 @@ void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_valu
 }
 
 void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask) {
-  // Sizes are read as SymInts, so that the fake kernel (torch_ext/_meta.py)
+  // Sizes are read as SymInts, so that the fake kernel (torch_ext/ops/quantize.py)
   // can run this very check while tracing with dynamic shapes.
   const auto dtype = grad_y.scalar_type();
   TORCH_CHECK_TYPE(

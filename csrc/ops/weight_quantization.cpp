@@ -3,7 +3,7 @@
 // the C++ entry points and the straight-through autograd. The kernels are
 // composites of ATen ops, one for every device:
 // csrc/composite/weight_quantization_kernel.cpp; the fake kernels are in
-// torch_ext/_meta.py, the contract in docs/quantizer.md.
+// torch_ext/ops/weight_quantization.py, the contract in docs/quantizer.md.
 #include "ops/find_op.h"
 #include "torch_ext/weight_quantization.h"
 

@@ -48,10 +48,11 @@ at::Tensor linear_mid_tread_half_quantize_backward_symint(
 // (check_quantize_arguments includes check_max_value(max_value, dtype)).
 void check_quantize_arguments(at::ScalarType dtype, int64_t bit, double max_value);
 void check_bit(int64_t bit);
-void check_max_value(double max_value);
+// op: the operator the message names.
+void check_max_value(double max_value, const char* op = "linear_mid_tread_half_quantize");
 // max_value for an x of this dtype: also refused (ValueError) where it rounds
 // to 0 or to infinity in x's compute type (float32 unless x is float64).
-void check_max_value(double max_value, at::ScalarType dtype);
+void check_max_value(double max_value, at::ScalarType dtype, const char* op = "linear_mid_tread_half_quantize");
 // The backward's arguments: a floating grad_y and a uint8 mask of
 // mask_numel(grad_y.numel()) elements on the same device.
 void check_backward_arguments(const at::Tensor& grad_y, const at::Tensor& mask);

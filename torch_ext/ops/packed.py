@@ -16,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from .. import _C
+
 __all__ = [
     "pack_binary_weights",
     "pack_codes",
@@ -129,6 +131,7 @@ def _pack_codes_fake(codes, bit):
 @torch.library.register_fake("torch_ext::quantize_pack_codes")
 def _quantize_pack_codes_fake(x, bit, max_value):
     torch._check(1 <= bit <= 4, lambda: f"quantize_pack_codes: bit must be in 1..4, got bit={bit}")
+    _C.check_max_value(max_value, torch.float32, "quantize_pack_codes")
     torch._check(x.dtype == torch.float32, lambda: f"quantize_pack_codes: x must be float32, got {x.dtype}")
     torch._check(x.dim() == 4 and x.shape[1] >= 1, lambda: "quantize_pack_codes: x must be [N, C, H, W]")
     n, c, h, w = x.shape
