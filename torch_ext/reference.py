@@ -95,9 +95,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def levels_above_zero(bit: int) -> float:
+def levels_above_zero(bit: int) -> int:
     """docs/quantizer.md's n = 2**bit - 1: the codes are 0..n, the levels (k / n) * m."""
-    return 2.0**bit - 1.0
+    return (1 << bit) - 1
 
 
 def constants(

@@ -222,7 +222,7 @@ def fold_thresholds(
     such that the code of channel ``o`` is the number of ``k`` with
     ``direction[o] * acc >= thresholds[o, k]``, for every ``|acc| <= bound``.
     """
-    levels = int(levels_above_zero(out_bit))
+    levels = levels_above_zero(out_bit)
     acc = torch.arange(-bound, bound + 1, dtype=torch.int64)
     chunk = max(1, (1 << 22) // max(out_channels, 1))
     # int16 codes: [O, 2B + 1] stays small for wide layers too.
@@ -442,7 +442,7 @@ def _convert_conv(chain, i: int, scale: torch.Tensor, packed: Tuple[int, int, fl
     stride = [int(s) for s in conv.stride]
     padding = _conv_padding(name, conv)
     kh, kw = conv.kernel_size
-    bound = int(levels_above_zero(bit)) * channels * kh * kw
+    bound = levels_above_zero(bit) * channels * kh * kw
     if bound >= 2**31 - 1:
         raise _refuse(name, conv, f"its accumulator bound {bound} does not fit an int32")
     in_step = max_value / levels_above_zero(bit)

@@ -161,8 +161,6 @@ class BlueoilNetwork(nn.Module):
                         quantize_last: bool, **options: Any) -> None:
         """Build the quantized network, checking the arguments in the order the models always have."""
         self._start(num_classes, in_channels)
-        if activation_quantizer_kwargs is None:
-            activation_quantizer_kwargs = self.spec.activation_quantizer_kwargs
         quant = QuantizerConfig(type(self).__name__, activation_quantizer, activation_quantizer_kwargs,
                                 weight_quantizer, weight_quantizer_kwargs)
         self.quantize_first_convolution = bool(quantize_first)

@@ -10,15 +10,13 @@ quantized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Tuple
 
 from torch import nn
 
 from ..weight_quantization import binary_mean_scaling_quantize
 from .layers import INITS
-from .quantizers import DEFAULT_ACTIVATION_QUANTIZER_KWARGS
 
 # A convolution's weights in the quantized network (the float network quantizes none):
 FIRST = "first"  # quantized when quantize_first_convolution is True
@@ -92,8 +90,6 @@ class NetworkSpec:
     bn_eps: float = BN_EPS
     input_size_multiple: int = 1
     weight_quantizer: Any = binary_mean_scaling_quantize
-    activation_quantizer_kwargs: Mapping[str, Any] = field(
-        default_factory=lambda: MappingProxyType(dict(DEFAULT_ACTIVATION_QUANTIZER_KWARGS)))
     quantize_first: bool = True
     quantize_last: bool = False
 
