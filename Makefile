@@ -29,6 +29,10 @@ endif
 export TORCH_CUDA_ARCH_LIST
 MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
+# pytest's processes (pytest-xdist): a process a core, at most 8 (each imports torch).
+PYTEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
+# loadgroup: the tests sharing a costly module fixture run in one process (tests/conftest.py).
+PYTEST_XDIST = -n $(PYTEST_JOBS) --dist loadgroup
 
 SOURCES := $(shell find csrc cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 DEPS_STAMP := $(VENV)/.deps-stamp
@@ -74,30 +78,32 @@ build-cpp: $(DEPS_STAMP) catch2
 	$(VENV)/bin/cmake -S . -B $(CMAKE_BUILD_DIR) $(CMAKE_ARGS) -DTORCH_EXT_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
 	$(VENV)/bin/cmake --build $(CMAKE_BUILD_DIR) -j $(MAX_JOBS)
 
-# pytest-xdist: the tests in $(MAX_JOBS) processes (each test is independent; ids are the same in each).
+# pytest-xdist: the tests in $(PYTEST_JOBS) processes (each test is independent; ids are the same in each).
 test-python: $(BUILD_STAMP)
-	$(PY) -m pytest tests -ra -n $(MAX_JOBS) --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest tests -ra $(PYTEST_XDIST) --durations=15 $(PYTEST_ARGS)
 
 # ctest runs the tests in parallel (-j): the Catch2 cases and the examples are independent,
 # but the deployed-model example's fixture (the Python that writes the .pt2) runs first.
 # protect_shadow_gap=0: the CUDA driver maps memory where ASan's shadow gap would be.
-test-cpp: build-cpp
+# The fixtures import torch_ext from the source tree: its _C*.so must be built first.
+test-cpp: build-cpp $(BUILD_STAMP)
 	ASAN_OPTIONS=detect_leaks=0:protect_shadow_gap=0 UBSAN_OPTIONS=print_stacktrace=1 \
 	  $(VENV)/bin/ctest --test-dir $(CMAKE_BUILD_DIR) --output-on-failure -j $(MAX_JOBS)
 
 # The short loop for an edit: an incremental build in place (ninja keeps its
 # objects in build/, so only what changed compiles; the editable install of
 # `make build` loads the same torch_ext/_C*.so), then every test not marked slow
-# (a slow test takes 10 s or more), in $(MAX_JOBS) processes.
+# (a slow test takes 10 s or more), in $(PYTEST_JOBS) processes.
 check: $(BUILD_STAMP)
 	$(PY) setup.py -q build_ext --inplace 2>&1 | grep -E "error|Error" ; test $${PIPESTATUS[0]} -eq 0
-	$(PY) -m pytest tests -q -m "not slow" -n $(MAX_JOBS) -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -m "not slow" $(PYTEST_XDIST) -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every test: pytest, and ctest on the ASan/UBSan build. The two halves are
 # independent and run side by side: pytest shows its progress here, the C++ half
 # writes to $(CPP_LOG) (tail -f it to follow), printed whole when pytest is done.
 CPP_LOG := $(CMAKE_BUILD_DIR)/make-test-cpp.log
-test: $(DEPS_STAMP) catch2
+# The Python extension is built first: both halves load it.
+test: $(BUILD_STAMP) catch2
 	@mkdir -p $(CMAKE_BUILD_DIR); rm -f $(CPP_LOG).rc
 	@echo "make test-cpp (the LibTorch build under ASan/UBSan, then ctest) runs beside pytest, into $(CPP_LOG)"
 	@( $(MAKE) --no-print-directory test-cpp > $(CPP_LOG) 2>&1; echo $$? > $(CPP_LOG).rc ) & \

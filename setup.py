@@ -36,8 +36,9 @@ except ImportError as exc:  # pip's isolated build environment has no torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 # Ampere (8.0), Ada (8.9) and Hopper (9.0); +PTX lets newer GPUs JIT the 9.0 code.
-# The one place the default is written: CMakeLists.txt reads this line, and
-# the Makefile leaves TORCH_CUDA_ARCH_LIST to the environment.
+# The one place the default is written: CMakeLists.txt reads this line. The
+# Makefile sets TORCH_CUDA_ARCH_LIST itself (the visible GPUs', else 9.0), so a
+# wheel built outside make (pip install .) is what takes this list.
 DEFAULT_CUDA_ARCH_LIST = "8.0;8.9;9.0+PTX"
 
 

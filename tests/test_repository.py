@@ -218,7 +218,7 @@ def test_every_operator_family_has_its_files_named_alike():
     python = {p.stem for p in (REPO / "torch_ext" / "ops").glob("*.py") if not p.name.startswith("_")}
     assert cxx >= {"quantize", "learnable", "packed", "weight_quantization"}, cxx
     assert cxx == python, (sorted(cxx - python), sorted(python - cxx))
-    kernels = [p for folder in ("csrc/cpu", "csrc/composite", "cuda") for p in (REPO / folder).glob("*")
+    kernels = [p for folder in ("csrc/cpu", "csrc/composite", "cuda") for p in (REPO / folder).rglob("*")
                if p.suffix in (".cpp", ".cu")]
     orphans = [str(p.relative_to(REPO)) for p in kernels if not any(p.stem.startswith(f + "_") for f in cxx)]
     assert kernels and not orphans, orphans
