@@ -31,8 +31,7 @@ MAX_JOBS ?= $(shell nproc)
 export MAX_JOBS
 # pytest's processes (pytest-xdist): a process a core, at most 8 (each imports torch).
 PYTEST_JOBS ?= $(shell n=$$(nproc); echo $$(( n < 8 ? n : 8 )))
-# loadgroup: the tests sharing a costly module fixture run in one process (tests/conftest.py).
-PYTEST_XDIST = -n $(PYTEST_JOBS) --dist loadgroup
+PYTEST_XDIST = -n $(PYTEST_JOBS)
 
 SOURCES := $(shell find csrc cuda -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 DEPS_STAMP := $(VENV)/.deps-stamp

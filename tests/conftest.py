@@ -82,23 +82,14 @@ def _is_cuda_device(value) -> bool:
     return isinstance(value, str) and (value == "cuda" or value.startswith("cuda:"))
 
 
-#: Module fixtures that take seconds to minutes to build (a benchmark run, the
-#: kernel report, a wheel and its venv, a training): under pytest-xdist
-#: (``--dist loadgroup``) the tests using one run in one process, so it is built once.
-COSTLY_MODULE_FIXTURES = frozenset({"report", "packages", "venv", "trained", "deployed"})
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """The ``cuda`` marker on every test of test_cuda.py and every test with a "cuda" device parameter;
-    the ``xdist_group`` of its module on every test that uses a costly module fixture."""
+    """The ``cuda`` marker on every test of test_cuda.py and every test with a "cuda" device parameter."""
     for item in items:
         callspec = getattr(item, "callspec", None)
         if item.path.name == "test_cuda.py" or (
             callspec is not None and any(_is_cuda_device(v) for v in callspec.params.values())
         ):
             item.add_marker(pytest.mark.cuda)
-        if COSTLY_MODULE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 #: Examples run by each property test (test_properties.py counts them).
